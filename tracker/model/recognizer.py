@@ -1,0 +1,275 @@
+"""EmotionRecognizer: frozen LLM + MSE-Adapter + prompt -> a label distribution in one forward pass.
+
+The label distribution is read at the answer position: the LLM's final hidden state there is
+multiplied by the LM-head rows of the label words only (the same numbers the full LM head would
+give for those tokens, without computing a 262k-wide vocabulary), then soft-maxed over the label
+set. No text is generated, so there is nothing to parse and no parse failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from tracker.config import ConfigError, load_dataclass, load_yaml, to_dict
+from tracker.labels import LabelSet, get_label_set
+from tracker.model import checkpoint as ckpt
+from tracker.model.adapter import AdapterConfig, ModalityBatch, MSEAdapter, collate_modalities
+from tracker.model.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from tracker.model.inputs import UtteranceInput
+from tracker.model.prompt import EncodedPrompt, PromptBuilder, PromptConfig
+
+
+@dataclass
+class RecognizerConfig:
+    """Everything needed to rebuild a recognizer: backbone, label set, adapter and prompt."""
+
+    backbone: str = DEFAULT_BACKBONE  # gemma3-270m, tiny, or a local Hugging Face model directory
+    dtype: str = "auto"  # auto (bf16 where supported, else fp32), fp32, bf16
+    label_set: str = "meld7"  # meld7, ravdess8, emorynlp7, sentiment3, msa7
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype: must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        try:
+            get_label_set(self.label_set)
+        except KeyError as exc:
+            raise ConfigError(f"label_set: {exc.args[0]}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RecognizerConfig":
+        return load_yaml(cls, path)
+
+
+@dataclass
+class Prediction:
+    """A label distribution for one utterance."""
+
+    label: str
+    probabilities: dict[str, float]
+    score: float  # expected value under the label set's values (valence, or the MSA score in [-3, 3])
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities[self.label]
+
+
+@dataclass
+class RecognizerBatch:
+    """A padded batch of prompts (right padding) with adapter inputs."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    answer_index: torch.Tensor  # (B,)
+    utterance_ids: torch.Tensor  # (B, U)
+    utterance_mask: torch.Tensor  # (B, U)
+    modalities: dict[str, ModalityBatch]
+    pseudo_start: int
+    n_pseudo: int
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+class EmotionRecognizer(nn.Module):
+    """Labels utterances with a frozen causal LLM steered by MSE-Adapter pseudo tokens."""
+
+    def __init__(self, backbone: Backbone, config: RecognizerConfig | None = None, label_set: LabelSet | None = None):
+        super().__init__()
+        config = dataclasses.replace(config or RecognizerConfig())
+        if config.adapter.llm_hidden_size == 0:
+            config.adapter = dataclasses.replace(config.adapter, llm_hidden_size=backbone.hidden_size)
+        if config.adapter.llm_hidden_size != backbone.hidden_size:
+            raise ckpt.CheckpointError(
+                f"adapter is built for LLM hidden size {config.adapter.llm_hidden_size}, "
+                f"but backbone {backbone.name!r} has hidden size {backbone.hidden_size}"
+            )
+        self.config = config
+        self.backbone = backbone
+        self.llm = backbone.model  # registered as a submodule; frozen
+        self.label_set = label_set or get_label_set(config.label_set)
+        self.adapter = MSEAdapter(config.adapter)
+        self.prompt = PromptBuilder(backbone.tokenizer, self.label_set, config.prompt, config.adapter.n_pseudo_tokens)
+        self.register_buffer("label_token_ids", torch.tensor(self.prompt.label_token_ids, dtype=torch.long), persistent=False)
+        self.modality_names = [m.name for m in config.adapter.modalities]
+        self.modality_dims = {m.name: m.feature_dim for m in config.adapter.modalities}
+        self.adapter.to(backbone.device)
+        self.label_token_ids = self.label_token_ids.to(backbone.device)
+
+    # ------------------------------------------------------------------ construction and persistence
+    @classmethod
+    def from_config(cls, config: RecognizerConfig, backbone: Backbone | None = None, device: str = "cpu") -> "EmotionRecognizer":
+        backbone = backbone or load_backbone(config.backbone, dtype=config.dtype, device=device)
+        return cls(backbone, config)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` (backbone, hidden size, label set, adapter, prompt) and ``model.safetensors``."""
+        payload = {
+            "backbone": self.backbone.name,
+            "llm_hidden_size": self.backbone.hidden_size,
+            "label_set": self.label_set.to_dict(),
+            "recognizer": to_dict(self.config),
+        }
+        return ckpt.write_checkpoint(directory, payload, self.adapter.state_dict())
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, backbone: Backbone | None = None, device: str = "cpu", dtype: str | None = None
+    ) -> "EmotionRecognizer":
+        """Load an adapter checkpoint, onto `backbone` or onto the backbone its config names."""
+        data = ckpt.read_config(directory)
+        try:
+            config = load_dataclass(RecognizerConfig, data["recognizer"])
+            label_set = LabelSet.from_dict(data["label_set"])
+            hidden = int(data["llm_hidden_size"])
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ckpt.CheckpointError(f"{Path(directory) / ckpt.CONFIG_NAME}: invalid adapter config: {exc}") from None
+        if dtype is not None:
+            config.dtype = dtype
+        if backbone is None:
+            backbone = load_backbone(config.backbone, dtype=config.dtype, device=device)
+        if backbone.hidden_size != hidden:
+            raise ckpt.CheckpointError(
+                f"checkpoint {directory} was trained on backbone {data.get('backbone')!r} with hidden size {hidden}, "
+                f"but backbone {backbone.name!r} has hidden size {backbone.hidden_size}: load it onto the backbone it names"
+            )
+        model = cls(backbone, config, label_set=label_set)
+        expected = {k: v.shape for k, v in model.adapter.state_dict().items()}
+        state = ckpt.read_weights(directory, expected)
+        model.adapter.load_state_dict(state)
+        model.eval()
+        return model
+
+    # ------------------------------------------------------------------ batching
+    def encode(self, item: UtteranceInput) -> EncodedPrompt:
+        return self.prompt.encode(item.text, item.speaker, item.context)
+
+    def collate(self, items: Sequence[UtteranceInput], encoded: Sequence[EncodedPrompt] | None = None) -> RecognizerBatch:
+        """Tokenise, pad (right) and stack a list of utterances into one batch."""
+        if not items:
+            raise ValueError("collate: empty batch")
+        encoded = list(encoded) if encoded is not None else [self.encode(it) for it in items]
+        for it in items:
+            for name, arr in it.features.items():
+                if name not in self.modality_dims:
+                    raise ValueError(f"modality {name!r} is not one this adapter was built for ({', '.join(self.modality_dims) or 'none'})")
+                width = np.shape(arr)[-1] if np.ndim(arr) == 2 else None
+                if width != self.modality_dims[name]:
+                    raise ValueError(
+                        f"modality {name!r}: expected (frames, {self.modality_dims[name]}) features, got shape {np.shape(arr)}"
+                    )
+        device = self.backbone.device
+        ids, mask = _pad([e.input_ids for e in encoded], self.prompt.pad_token_id)
+        utt, utt_mask = _pad([e.utterance_ids for e in encoded], self.prompt.pad_token_id)
+        return RecognizerBatch(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            answer_index=torch.tensor([e.answer_index for e in encoded], dtype=torch.long, device=device),
+            utterance_ids=utt.to(device),
+            utterance_mask=utt_mask.to(device),
+            modalities=collate_modalities([it.features for it in items], self.modality_names, device),
+            pseudo_start=encoded[0].pseudo_start,
+            n_pseudo=encoded[0].n_pseudo,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def pseudo_tokens(self, batch: RecognizerBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's pseudo tokens (B, n, H) and present-modality mask (B, M)."""
+        with torch.no_grad():
+            text_embeds = self.backbone.embed(batch.utterance_ids)  # (B, U, H), frozen
+        return self.adapter(text_embeds, batch.utterance_mask, batch.modalities)
+
+    def input_embeddings(self, batch: RecognizerBatch) -> torch.Tensor:
+        """Prompt embeddings with the pseudo-token slots filled in: (B, T, H)."""
+        with torch.no_grad():
+            embeds = self.backbone.embed(batch.input_ids)  # (B, T, H)
+        if batch.n_pseudo == 0:
+            return embeds
+        pseudo, _ = self.pseudo_tokens(batch)
+        s, n = batch.pseudo_start, batch.n_pseudo
+        return torch.cat([embeds[:, :s], pseudo.to(embeds.dtype), embeds[:, s + n :]], dim=1)
+
+    def answer_hidden(self, batch: RecognizerBatch) -> torch.Tensor:
+        """The LLM's final hidden state at each row's answer position: (B, H)."""
+        embeds = self.input_embeddings(batch)
+        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+        hidden = out.last_hidden_state  # (B, T, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, batch.answer_index]  # (B, H)
+
+    def label_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of the label words only, as the full LM head would give them: (B, L)."""
+        head = self.llm.get_output_embeddings()
+        weight = head.weight[self.label_token_ids]  # (L, H)
+        logits = hidden.float() @ weight.float().T  # (B, L)
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[self.label_token_ids].float()
+        cap = getattr(self.backbone.text_config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, batch: RecognizerBatch) -> torch.Tensor:
+        """Logits over the label set for each row: (B, L)."""
+        return self.label_logits(self.answer_hidden(batch))
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def predict_proba(self, items: Sequence[UtteranceInput], batch_size: int = 8) -> np.ndarray:
+        """Class probabilities (N, L), batched; rows are grouped by length to pad little."""
+        was_training = self.training
+        self.eval()
+        try:
+            encoded = [self.encode(it) for it in items]
+            order = sorted(range(len(items)), key=lambda i: len(encoded[i].input_ids))
+            out = np.zeros((len(items), len(self.label_set)), dtype=np.float64)
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = self.collate([items[i] for i in idx], [encoded[i] for i in idx])
+                probs = torch.softmax(self.forward(batch), dim=-1).double().cpu().numpy()
+                out[idx] = probs
+            return out
+        finally:
+            self.train(was_training)
+
+    def to_predictions(self, probs: np.ndarray) -> list[Prediction]:
+        labels = self.label_set.labels
+        values = np.asarray(self.label_set.values)
+        return [
+            Prediction(
+                label=labels[int(row.argmax())],
+                probabilities={lab: float(p) for lab, p in zip(labels, row)},
+                score=float(row @ values),
+            )
+            for row in probs
+        ]
+
+    def predict(self, items: Sequence[UtteranceInput], batch_size: int = 8) -> list[Prediction]:
+        return self.to_predictions(self.predict_proba(items, batch_size))
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def train(self, mode: bool = True) -> "EmotionRecognizer":
+        """Only the adapter ever trains; the LLM stays in eval mode (no dropout) and frozen."""
+        super().train(mode)
+        self.llm.eval()
+        return self
