@@ -149,6 +149,8 @@ class Projector(nn.Module):
         self.n_tokens = n_tokens
         self.hidden_size = hidden_size
         self.expansion = expansion
+        if n_tokens == 0:
+            return  # no pseudo tokens: the LLM sees the plain prompt
         if expansion == "scalar":
             self.proj = nn.Linear(d_model, hidden_size)
             self.expand = nn.Linear(1, n_tokens)
@@ -156,6 +158,8 @@ class Projector(nn.Module):
             self.proj = nn.Linear(d_model, hidden_size * n_tokens)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.n_tokens == 0:
+            return z.new_zeros(z.shape[0], 0, self.hidden_size)
         if self.expansion == "scalar":
             p = self.proj(z)  # (B, H)
             return self.expand(p.unsqueeze(-1)).transpose(1, 2)  # (B, n, H)

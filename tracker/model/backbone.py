@@ -193,6 +193,9 @@ def load_backbone(
 ) -> Backbone:
     """Load a frozen backbone by name (``gemma3-270m``, ``tiny``) or by local path."""
     torch_dtype = resolve_dtype(dtype, device)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars are noise in services and tests
     if name_or_path == "tiny":
         from tracker.model.tiny import build_tiny_backbone
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,19 @@ class RecognizerConfig:
     label_set: str = "meld7"  # meld7, ravdess8, emorynlp7, sentiment3, msa7
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    # How the label distribution is read at the answer position:
+    #   lm_head: the frozen LM-head rows of the label words (the LLM "answers" with a label word);
+    #   linear:  a small trainable linear head, initialised from those rows, on the normed hidden state.
+    head: Literal["lm_head", "linear"] = "lm_head"
+    # Which hidden state feeds the head: 0 = the LLM's last layer; k = the output of decoder layer k
+    # (the forward stops there, so a middle layer is also cheaper). Middle layers often carry more.
+    head_layer: int = 0
 
     def __post_init__(self) -> None:
+        if self.head not in ("lm_head", "linear"):
+            raise ConfigError(f"head: must be lm_head or linear, got {self.head!r}")
+        if self.head_layer < 0:
+            raise ConfigError(f"head_layer: must be >= 0 (0 = last layer), got {self.head_layer}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"dtype: must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         try:
@@ -89,6 +100,10 @@ def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+class _EarlyExit(Exception):
+    """Raised by a forward hook to stop the LLM after the layer the head reads."""
+
+
 class EmotionRecognizer(nn.Module):
     """Labels utterances with a frozen causal LLM steered by MSE-Adapter pseudo tokens."""
 
@@ -111,8 +126,20 @@ class EmotionRecognizer(nn.Module):
         self.register_buffer("label_token_ids", torch.tensor(self.prompt.label_token_ids, dtype=torch.long), persistent=False)
         self.modality_names = [m.name for m in config.adapter.modalities]
         self.modality_dims = {m.name: m.feature_dim for m in config.adapter.modalities}
+        if config.head_layer > backbone.num_layers:
+            raise ConfigError(f"head_layer: {config.head_layer} exceeds the backbone's {backbone.num_layers} layers")
+        self.label_head = None
+        if config.head == "linear":
+            rows = self.llm.get_output_embeddings().weight[self.label_token_ids].detach().float()
+            self.label_head = nn.Linear(backbone.hidden_size, len(self.label_set))
+            with torch.no_grad():
+                self.label_head.weight.copy_(rows)  # starts as the zero-shot LM-head scoring
+                self.label_head.bias.zero_()
         self.adapter.to(backbone.device)
+        if self.label_head is not None:
+            self.label_head.to(backbone.device)
         self.label_token_ids = self.label_token_ids.to(backbone.device)
+        self.eval()  # inference by default; a trainer calls .train()
 
     # ------------------------------------------------------------------ construction and persistence
     @classmethod
@@ -128,7 +155,7 @@ class EmotionRecognizer(nn.Module):
             "label_set": self.label_set.to_dict(),
             "recognizer": to_dict(self.config),
         }
-        return ckpt.write_checkpoint(directory, payload, self.adapter.state_dict())
+        return ckpt.write_checkpoint(directory, payload, self.trainable_state_dict())
 
     @classmethod
     def from_pretrained(
@@ -152,11 +179,23 @@ class EmotionRecognizer(nn.Module):
                 f"but backbone {backbone.name!r} has hidden size {backbone.hidden_size}: load it onto the backbone it names"
             )
         model = cls(backbone, config, label_set=label_set)
-        expected = {k: v.shape for k, v in model.adapter.state_dict().items()}
+        expected = {k: v.shape for k, v in model.trainable_state_dict().items()}
         state = ckpt.read_weights(directory, expected)
-        model.adapter.load_state_dict(state)
+        model.load_trainable_state_dict(state)
         model.eval()
         return model
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's (and label head's) weights and buffers: all a checkpoint holds."""
+        state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
+        if self.label_head is not None:
+            state.update({f"label_head.{k}": v for k, v in self.label_head.state_dict().items()})
+        return state
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
+        if self.label_head is not None:
+            self.label_head.load_state_dict({k[len("label_head."):]: v for k, v in state.items() if k.startswith("label_head.")})
 
     # ------------------------------------------------------------------ batching
     def encode(self, item: UtteranceInput) -> EncodedPrompt:
@@ -207,16 +246,59 @@ class EmotionRecognizer(nn.Module):
         s, n = batch.pseudo_start, batch.n_pseudo
         return torch.cat([embeds[:, :s], pseudo.to(embeds.dtype), embeds[:, s + n :]], dim=1)
 
+    def _decoder_layers(self) -> nn.ModuleList:
+        base = self.llm.base_model
+        for path in ("layers", "h", "encoder.layers", "decoder.layers"):
+            obj = base
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+            if isinstance(obj, nn.ModuleList):
+                return obj
+        raise ConfigError(f"head_layer: cannot find the decoder layers of {type(base).__name__}; use head_layer 0")
+
+    def _final_norm(self) -> nn.Module:
+        base = self.llm.base_model
+        for name in ("norm", "final_layernorm", "ln_f"):
+            if isinstance(getattr(base, name, None), nn.Module):
+                return getattr(base, name)
+        return nn.Identity()
+
     def answer_hidden(self, batch: RecognizerBatch) -> torch.Tensor:
-        """The LLM's final hidden state at each row's answer position: (B, H)."""
+        """The (normed) hidden state at each row's answer position: (B, H).
+
+        With ``head_layer = k`` the forward stops after decoder layer k (a hook captures its output
+        and ends the pass), and the LLM's final norm is applied to that state.
+        """
         embeds = self.input_embeddings(batch)
-        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
-        hidden = out.last_hidden_state  # (B, T, H)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, batch.answer_index]  # (B, H)
+        rows = torch.arange(embeds.shape[0], device=embeds.device)
+        k = self.config.head_layer
+        if k == 0:
+            out = self.llm.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+            return out.last_hidden_state[rows, batch.answer_index]  # (B, H)
+        captured: dict[str, torch.Tensor] = {}
+
+        def stop_here(_module, _inputs, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else output
+            raise _EarlyExit
+
+        handle = self._decoder_layers()[k - 1].register_forward_hook(stop_here)
+        try:
+            self.llm.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+        except _EarlyExit:
+            pass
+        finally:
+            handle.remove()
+        hidden = captured["h"][rows, batch.answer_index]  # (B, H)
+        return self._final_norm()(hidden)
 
     def label_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits of the label words only, as the full LM head would give them: (B, L)."""
+        """Logits over the label set from answer-position hidden states (B, H) -> (B, L).
+
+        ``lm_head``: the LM head's rows of the label words only, the same numbers the full head
+        would give for those tokens.
+        """
+        if self.label_head is not None:
+            return self.label_head(hidden.float())
         head = self.llm.get_output_embeddings()
         weight = head.weight[self.label_token_ids]  # (L, H)
         logits = hidden.float() @ weight.float().T  # (B, L)
