@@ -1,0 +1,1 @@
+"""Audio input: PCM helpers, webrtcvad utterance segmentation and openSMILE features."""
