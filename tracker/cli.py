@@ -57,6 +57,75 @@ cmd_info.configure = _configure_info
 command("info", "show the backbone, the adapter's parameter count and the cache")(cmd_info)
 
 
+def _configure_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="a training YAML (configs/train/*.yaml)")
+    p.add_argument("--run-dir", default=None, help="where the run writes (default: output_dir/name from the config)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if the run directory has a checkpoint")
+    p.add_argument("--ray", action="store_true", help="run on Ray Train (TorchTrainer) with the config's scaling")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the adapter (frozen LLM); resumes from the run's last checkpoint unless --no-resume."""
+    from tracker.training.config import TrainConfig
+
+    config = TrainConfig.from_yaml(args.config)
+    if args.ray:
+        from services.train_job import run_ray_training
+
+        result = run_ray_training(config, run_dir=args.run_dir, resume=not args.no_resume)
+    else:
+        from tracker.training.trainer import Trainer
+
+        result = Trainer(config, run_dir=args.run_dir).fit(resume=not args.no_resume)
+    for spec, rep in result.get("dev", {}).items():
+        print(f"{spec}: accuracy {100 * rep['accuracy']:.2f}  weighted F1 {100 * rep['weighted_f1']:.2f}")
+    return 0
+
+
+cmd_train.configure = _configure_train
+command("train", "train the adapter on a frozen LLM")(cmd_train)
+
+
+def _configure_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="an adapter checkpoint directory (default: the shipped model)")
+    p.add_argument("--data", action="append", required=True, help="meld:dev, emorynlp:dev, ravdess:dev or a .jsonl file; repeatable")
+    p.add_argument("--read-as", default="", help="read the data's labels as this label set (ravdess -> meld7)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", default=None, help="write the JSON report here")
+    p.add_argument("--limit", type=int, default=0, help="first N conversations only")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Accuracy, weighted F1, per-class P/R/F1 and the confusion matrix of a checkpoint on labelled data."""
+    import json
+
+    from tracker.model.recognizer import EmotionRecognizer
+    from tracker.model.default import default_checkpoint
+    from tracker.training.evaluate import evaluate
+    from tracker.training.examples import load_examples
+
+    checkpoint = args.checkpoint or default_checkpoint()
+    rec = EmotionRecognizer.from_pretrained(checkpoint)
+    out = {"checkpoint": str(checkpoint), "reports": {}}
+    for spec in args.data:
+        read_as = args.read_as
+        if not read_as and spec.startswith("ravdess") and rec.label_set.name == "meld7":
+            read_as = "meld7"
+        examples = load_examples(spec, rec.label_set, rec.config.prompt.context_turns, read_as, args.limit)
+        report, _ = evaluate(rec, examples, batch_size=args.batch_size)
+        print(f"== {spec} ({checkpoint})")
+        print(report.to_text())
+        out["reports"][spec] = report.to_dict()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return 0
+
+
+cmd_eval.configure = _configure_eval
+command("eval", "evaluate a checkpoint on labelled data")(cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracker", description="Streaming conversation emotion tracker")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")

@@ -1,0 +1,83 @@
+"""The training job's configuration (``configs/train/*.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tracker.config import ConfigError, load_yaml
+from tracker.model.recognizer import RecognizerConfig
+
+
+@dataclass
+class DataSource:
+    """One dataset to train or evaluate on."""
+
+    spec: str  # meld:train, ravdess:dev, a .jsonl path ... (see docs/data-format.md)
+    label_set: str = ""  # read labels as this set ("" = the dataset's own; ravdess -> meld7 folds them)
+    repeat: int = 1  # oversampling factor in training
+    limit: int = 0  # keep only the first N conversations (0 = all); for quick runs and tests
+    audio: bool = True  # use the audio when the dataset has it
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1:
+            raise ConfigError(f"repeat: must be >= 1, got {self.repeat}")
+        if self.limit < 0:
+            raise ConfigError(f"limit: must be >= 0, got {self.limit}")
+
+
+@dataclass
+class RayTrainConfig:
+    """Ray Train scaling for multi-GPU or cluster training (`tracker train --ray`)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    """Adapter-only training of a recognizer on a frozen LLM."""
+
+    name: str = "run"
+    output_dir: str = "runs"  # the run writes to output_dir/name
+    model: RecognizerConfig = field(default_factory=RecognizerConfig)
+    train: list[DataSource] = field(default_factory=lambda: [DataSource("meld:train")])
+    dev: list[DataSource] = field(default_factory=lambda: [DataSource("meld:dev")])  # the first selects the best
+    epochs: float = 3.0
+    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit)
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    class_weighting: Literal["none", "inverse_sqrt", "inverse"] = "inverse_sqrt"
+    eval_every_steps: int = 0  # 0 = once per epoch
+    patience: int = 3  # evaluations without dev improvement before stopping
+    checkpoint_minutes: float = 3.0  # resumable state is written at least this often
+    seed: int = 0
+    autocast_bf16: bool = True  # bf16 autocast where supported
+    num_threads: int = 0  # torch threads (0 = torch's default)
+    dev_limit: int = 0  # evaluate on the first N dev utterances only (0 = all)
+    ray: RayTrainConfig = field(default_factory=RayTrainConfig)
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ConfigError("train: at least one data source is needed")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("epochs: must be > 0 (or set max_steps)")
+        for name in ("batch_size",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must lie in [0, 1), got {self.warmup_ratio}")
+        if self.class_weighting not in ("none", "inverse_sqrt", "inverse"):
+            raise ConfigError(f"class_weighting: must be none, inverse_sqrt or inverse, got {self.class_weighting!r}")
+        if self.checkpoint_minutes <= 0:
+            raise ConfigError(f"checkpoint_minutes: must be > 0, got {self.checkpoint_minutes}")
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "TrainConfig":
+        return load_yaml(cls, path)

@@ -1,0 +1,238 @@
+"""Adapter-only training: frozen LLM, cross-entropy over the label set at the answer position.
+
+A run directory holds::
+
+    config.yaml        the TrainConfig used
+    last/              resumable state, rewritten every `checkpoint_minutes` and at each evaluation
+    best/              the checkpoint with the best dev weighted F1 (loadable with from_pretrained)
+    metrics.json       the evaluation history and the best checkpoint's dev reports
+    confusion_<dev>.png
+
+Resuming (`fit(resume=True)`, the default) continues from ``last/`` at the exact step: the epoch's
+batch order is a pure function of (seed, epoch), so the remaining batches are the same ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from tracker.config import to_dict
+from tracker.metrics import save_confusion_png
+from tracker.model.backbone import bf16_supported
+from tracker.model.recognizer import EmotionRecognizer
+from tracker.training import state as state_io
+from tracker.training.config import TrainConfig
+from tracker.training.evaluate import evaluate
+from tracker.training.examples import Example, class_weights, feature_statistics, load_examples
+
+log = logging.getLogger(__name__)
+
+Hook = Callable[[str, dict[str, Any]], None]  # (event, info): "step", "eval", "checkpoint", "done"
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 50) -> list[list[int]]:
+    """Shuffle, sort by length within groups of `group` batches, then shuffle the batches.
+
+    Rows of similar length share a batch (little padding) while the epoch stays random; the order
+    depends only on (seed, epoch), which makes resuming exact.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    batches: list[list[int]] = []
+    chunk = batch_size * group
+    for start in range(0, len(perm), chunk):
+        part = sorted(perm[start : start + chunk].tolist(), key=lambda i: lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.05) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Trainer:
+    """Trains a recognizer's adapter (and label head) on a TrainConfig's data."""
+
+    def __init__(self, config: TrainConfig, recognizer: EmotionRecognizer | None = None,
+                 run_dir: str | Path | None = None, hooks: list[Hook] | None = None, progress: bool = True):
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.name
+        self.hooks = list(hooks or [])
+        self.progress = progress
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.recognizer = recognizer or EmotionRecognizer.from_config(config.model)
+        self.train_examples: list[Example] = []
+        self.dev_sets: dict[str, list[Example]] = {}
+
+    # ------------------------------------------------------------------ data
+    def prepare(self) -> None:
+        rec, cfg = self.recognizer, self.config
+        k = rec.config.prompt.context_turns
+        for src in cfg.train:
+            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio)
+            self.train_examples += exs * src.repeat
+            log.info("train %s: %d examples (x%d)", src.spec, len(exs), src.repeat)
+        for src in cfg.dev:
+            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio)
+            self.dev_sets[src.spec] = exs[: cfg.dev_limit] if cfg.dev_limit else exs
+        if not self.train_examples:
+            raise ValueError("no labelled training examples")
+        for m in rec.config.adapter.modalities:
+            stats = feature_statistics(self.train_examples, m.name)
+            if stats is not None:
+                rec.adapter.set_feature_normalisation(m.name, torch.tensor(stats[0]), torch.tensor(stats[1]))
+        self.encoded = [rec.encode(ex.item) for ex in self.train_examples]
+        labels = [ex.label for ex in self.train_examples]
+        self.loss_weights = torch.tensor(class_weights(labels, len(rec.label_set), cfg.class_weighting), dtype=torch.float32)
+
+    # ------------------------------------------------------------------ helpers
+    def _emit(self, event: str, info: dict[str, Any]) -> None:
+        for hook in self.hooks:
+            hook(event, info)
+
+    def _autocast(self):
+        if self.config.autocast_bf16 and bf16_supported(self.recognizer.backbone.device):
+            return torch.autocast(self.recognizer.backbone.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _evaluate_selection(self) -> tuple[float, dict[str, Any]]:
+        reports = {}
+        for spec, exs in self.dev_sets.items():
+            report, _ = evaluate(self.recognizer, exs, batch_size=self.config.batch_size)
+            reports[spec] = report
+        first = next(iter(reports.values()), None)
+        return (first.weighted_f1 if first else 0.0), reports
+
+    def _save_last(self, optimizer, scalars: dict[str, Any]) -> None:
+        last = self.run_dir / "last"
+        self.recognizer.save_pretrained(last)
+        state_io.save_state(last, optimizer, scalars)
+        self._emit("checkpoint", {"path": str(last), **{k: v for k, v in scalars.items() if k != "history"}})
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = True) -> dict[str, Any]:
+        cfg, rec = self.config, self.recognizer
+        if not self.train_examples:
+            self.prepare()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        params = [p for p in rec.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        lengths = [len(e.input_ids) for e in self.encoded]
+        steps_per_epoch = math.ceil(len(self.train_examples) / cfg.batch_size)
+        total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+        if cfg.max_steps and cfg.epochs > 0:
+            total = min(total, math.ceil(cfg.epochs * steps_per_epoch))
+        lr_factor = warmup_cosine(total, int(cfg.warmup_ratio * total))
+        s: dict[str, Any] = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "best_score": -1.0,
+                             "evals_without_improvement": 0, "history": [], "train_seconds": 0.0,
+                             "total_steps": total, "stopped_early": False}
+        last = self.run_dir / "last"
+        if resume and state_io.has_state(last):
+            loaded = EmotionRecognizer.from_pretrained(last, backbone=rec.backbone)
+            rec.load_trainable_state_dict(loaded.trainable_state_dict())
+            s.update(state_io.load_state(last, optimizer))
+            log.info("resumed from %s at step %d", last, s["global_step"])
+            self._emit("resume", {"step": s["global_step"]})
+        weights = self.loss_weights.to(rec.backbone.device)
+        last_save = time.time()
+        ema_loss = None
+        bar = tqdm(total=total, initial=s["global_step"], desc="train", disable=not self.progress, dynamic_ncols=True)
+        rec.train()
+        while s["global_step"] < total and not s["stopped_early"]:
+            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, s["epoch"])
+            while s["step_in_epoch"] < len(batches) and s["global_step"] < total:
+                idx = batches[s["step_in_epoch"]]
+                t0 = time.time()
+                batch = rec.collate([self.train_examples[i].item for i in idx], [self.encoded[i] for i in idx])
+                labels = torch.tensor([self.train_examples[i].label for i in idx], device=rec.backbone.device)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(s["global_step"])
+                with self._autocast():
+                    logits = rec(batch)
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                dt = time.time() - t0
+                s["train_seconds"] += dt
+                s["global_step"] += 1
+                s["step_in_epoch"] += 1
+                ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{ema_loss:.3f}", utt_s=f"{len(idx) / dt:.1f}", epoch=s["epoch"])
+                self._emit("step", {"step": s["global_step"], "loss": loss.item(), "utt_per_s": len(idx) / dt})
+                epoch_done = s["step_in_epoch"] >= len(batches)
+                due = cfg.eval_every_steps and s["global_step"] % cfg.eval_every_steps == 0
+                if due or (epoch_done and not cfg.eval_every_steps) or s["global_step"] >= total:
+                    self._eval_step(s, optimizer)
+                    rec.train()
+                    last_save = time.time()
+                    if s["stopped_early"]:
+                        break
+                elif time.time() - last_save > 60 * cfg.checkpoint_minutes:
+                    self._save_last(optimizer, s)
+                    last_save = time.time()
+            if s["step_in_epoch"] >= len(batches):
+                s["epoch"] += 1
+                s["step_in_epoch"] = 0
+        bar.close()
+        rec.eval()
+        return self._finish(s)
+
+    def _eval_step(self, s: dict[str, Any], optimizer) -> None:
+        score, reports = self._evaluate_selection()
+        entry = {"step": s["global_step"], "epoch": s["epoch"] + s["step_in_epoch"] / max(1, math.ceil(len(self.train_examples) / self.config.batch_size)),
+                 **{f"{spec}/{m}": getattr(r, m) for spec, r in reports.items() for m in ("weighted_f1", "accuracy")}}
+        s["history"].append(entry)
+        improved = score > s["best_score"]
+        if improved:
+            s["best_score"] = score
+            s["evals_without_improvement"] = 0
+            self.recognizer.save_pretrained(self.run_dir / "best")
+        else:
+            s["evals_without_improvement"] += 1
+            if s["evals_without_improvement"] >= self.config.patience:
+                s["stopped_early"] = True
+        log.info("eval at step %d: %s (best %.4f)", s["global_step"], entry, s["best_score"])
+        tqdm.write(f"eval step {s['global_step']}: " + "  ".join(f"{k} {v:.4f}" for k, v in entry.items() if "/" in k))
+        self._emit("eval", {**entry, "improved": improved})
+        self._save_last(optimizer, s)
+
+    def _finish(self, s: dict[str, Any]) -> dict[str, Any]:
+        best = self.run_dir / "best"
+        result: dict[str, Any] = {"history": s["history"], "steps": s["global_step"], "stopped_early": s["stopped_early"],
+                                  "train_seconds": s["train_seconds"],
+                                  "seconds_per_epoch": s["train_seconds"] * math.ceil(len(self.train_examples) / self.config.batch_size) / max(1, s["global_step"]),
+                                  "trainable_parameters": self.recognizer.num_trainable_parameters(), "dev": {}}
+        if best.exists() and self.dev_sets:
+            model = EmotionRecognizer.from_pretrained(best, backbone=self.recognizer.backbone)
+            for spec, exs in self.dev_sets.items():
+                report, _ = evaluate(model, exs, batch_size=self.config.batch_size)
+                result["dev"][spec] = report.to_dict()
+                save_confusion_png(report, self.run_dir / f"confusion_{spec.replace(':', '_').replace('/', '_')}.png", title=spec)
+        (self.run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        self._emit("done", result)
+        return result
