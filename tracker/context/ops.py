@@ -1,0 +1,246 @@
+"""The store's operations written once, without I/O, for both the sync and the asyncio client.
+
+Each operation is a generator that yields a `Batch` of Redis calls (sent as one pipeline) or an
+`Eval` of a named script, receives the results, and returns the decoded value. The sync store
+drives it with blocking calls and the async store with awaits; neither contains any logic.
+Validation happens before the first yield, so bad input never reaches Redis.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generator, Mapping, TypeVar, Union
+
+from tracker.labels import LabelSet
+
+from .schema import (
+    Keys,
+    StoreConfig,
+    as_str,
+    check_id,
+    decode_entries,
+    decode_meta,
+    decode_speaker_state,
+    encode_record,
+    idempotency_field,
+)
+
+if TYPE_CHECKING:  # tracker.model's __init__ imports torch; readers of the store need not
+    from tracker.model.inputs import Turn
+
+T = TypeVar("T")
+_PAGE = 500
+_ENTRY_ID = re.compile(r"^(\$|\d+(-\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One redis-py client method call, e.g. ``Call("xrange", (key,), {"count": 10})``."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Calls sent together in one non-transactional pipeline; the op receives their results."""
+
+    calls: tuple[Call, ...]
+
+
+@dataclass(frozen=True)
+class Eval:
+    """A run of script `name` (see `scripts.SCRIPTS`); the op receives its reply."""
+
+    name: str
+    keys: tuple[str, ...]
+    args: tuple[Any, ...]
+
+
+Step = Union[Batch, Eval]
+Op = Generator[Step, Any, T]
+
+
+def _one(call: Call) -> Batch:
+    return Batch((call,))
+
+
+class Ops:
+    """The operations of a `ConversationStore` for one key prefix and tenant."""
+
+    def __init__(self, config: StoreConfig, label_set: LabelSet, tenant: str) -> None:
+        self.config = config
+        self.label_set = label_set
+        self.tenant = check_id(tenant, "tenant")
+        self.keys = Keys(config.key_prefix, tenant)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def append(self, conversation_id: str, record: Mapping[str, Any]) -> Op[tuple[bool, str]]:
+        cid = check_id(conversation_id, "conversation_id")
+        enc = encode_record(record, self.label_set)
+        c = self.config
+        args = (
+            idempotency_field(enc.utterance_id, enc.is_final),
+            "1" if enc.is_final else "0",
+            c.stream_maxlen,
+            c.ttl_seconds,
+            c.recent_labels,
+            repr(float(c.trend_alpha)),
+            enc.speaker,
+            enc.label,
+            enc.score,
+            cid,
+            self.label_set.name,
+            "1" if enc.has_seq else "0",
+            *enc.fields,
+        )
+        reply = yield Eval("append", tuple(self.keys.append_keys(cid, enc.speaker)), args)
+        return bool(int(reply[0])), as_str(reply[1])
+
+    def end_conversation(self, conversation_id: str) -> Op[bool]:
+        cid = check_id(conversation_id, "conversation_id")
+        reply = yield Eval("end", (self.keys.meta(cid), self.keys.conversations), (cid,))
+        return bool(int(reply))
+
+    def next_seq(self, conversation_id: str) -> Op[int]:
+        cid = check_id(conversation_id, "conversation_id")
+        reply = yield Eval("next_seq", (self.keys.seq(cid),), (self.config.ttl_seconds,))
+        return int(reply)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def exists(self, conversation_id: str) -> Op[bool]:
+        cid = check_id(conversation_id, "conversation_id")
+        (n,) = yield _one(Call("exists", (self.keys.meta(cid),)))
+        return bool(n)
+
+    def history(self, conversation_id: str, finals_only: bool = True, count: int | None = None) -> Op[list[dict]]:
+        """Records oldest first; ``count`` keeps the first `count` (use `context` for the last)."""
+        cid = check_id(conversation_id, "conversation_id")
+        if count is not None and count <= 0:
+            return []
+        key, start, out = self.keys.stream(cid), "-", []
+        while True:
+            (raw,) = yield _one(Call("xrange", (key,), {"min": start, "max": "+", "count": _PAGE}))
+            entries = decode_entries(raw)
+            for rec in entries:
+                if finals_only and not rec["is_final"]:
+                    continue
+                out.append(rec)
+                if count is not None and len(out) >= count:
+                    return out
+            if len(entries) < _PAGE:
+                return out
+            start = "(" + entries[-1]["entry_id"]
+
+    def get_final(self, conversation_id: str, utterance_id: str) -> Op[dict | None]:
+        """The stored final record of an utterance, or None (looked up through the idempotency hash)."""
+        cid = check_id(conversation_id, "conversation_id")
+        uid = check_id(utterance_id, "utterance_id")
+        (entry_id,) = yield _one(Call("hget", (self.keys.ids(cid), idempotency_field(uid, True))))
+        if entry_id is None:
+            return None
+        eid = as_str(entry_id)
+        (raw,) = yield _one(Call("xrange", (self.keys.stream(cid),), {"min": eid, "max": eid, "count": 1}))
+        entries = decode_entries(raw)
+        return entries[0] if entries else None  # None if trimmed away by MAXLEN
+
+    def ping(self) -> Op[bool]:
+        (ok,) = yield _one(Call("ping"))
+        return bool(ok)
+
+    def context(self, conversation_id: str, k: int) -> Op[list[Turn]]:
+        """The last `k` final utterances as prompt context, oldest first."""
+        from tracker.model.inputs import Turn
+        cid = check_id(conversation_id, "conversation_id")
+        if k <= 0:
+            return []
+        key, end, newest_first = self.keys.stream(cid), "+", []
+        page = max(2 * k, 16)
+        while True:
+            (raw,) = yield _one(Call("xrevrange", (key,), {"max": end, "min": "-", "count": page}))
+            entries = decode_entries(raw)
+            for rec in entries:
+                if rec["is_final"]:
+                    newest_first.append(Turn(speaker=rec["speaker"], text=rec["text"]))
+                    if len(newest_first) == k:
+                        return newest_first[::-1]
+            if len(entries) < page:
+                return newest_first[::-1]
+            end = "(" + entries[-1]["entry_id"]
+
+    def read_since(
+        self, conversation_id: str, last_entry_id: str = "0-0", block_ms: int | None = None, count: int = 100
+    ) -> Op[list[dict]]:
+        """Entries (partials too) after `last_entry_id`, for a dashboard catching up (XREAD)."""
+        cid = check_id(conversation_id, "conversation_id")
+        last = as_str(last_entry_id) if last_entry_id else "0-0"
+        if not isinstance(last, str) or not _ENTRY_ID.match(last):
+            raise ValueError(f"last_entry_id must be a stream id like '1700000000000-0' (or '$'), got {last_entry_id!r}")
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        (raw,) = yield _one(Call("xread", ({self.keys.stream(cid): last},), {"count": count, "block": block_ms}))
+        if not raw:
+            return []
+        if isinstance(raw, Mapping):  # RESP3
+            return [r for entries in raw.values() for r in decode_entries(entries[0] if _nested(entries) else entries)]
+        return [r for _, entries in raw for r in decode_entries(entries)]
+
+    def list_conversations(self, limit: int = 50) -> Op[list[dict]]:
+        """This tenant's conversations, most recently updated first."""
+        if limit <= 0:
+            return []
+        (pairs,) = yield _one(Call("zrevrange", (self.keys.conversations, 0, limit - 1)))
+        ids = [as_str(m) for m in pairs]
+        if not ids:
+            return []
+        calls = []
+        for cid in ids:
+            calls += [Call("hgetall", (self.keys.meta(cid),)), Call("smembers", (self.keys.speakers(cid),))]
+        results = yield Batch(tuple(calls))
+        out = []
+        for i, cid in enumerate(ids):
+            meta, speakers = results[2 * i], results[2 * i + 1]
+            if meta:  # an expired conversation not yet pruned from the index
+                out.append(decode_meta(cid, meta, speakers))
+        return out
+
+    def speaker_state(self, conversation_id: str, speaker: str) -> Op[dict]:
+        cid = check_id(conversation_id, "conversation_id")
+        check_id(speaker, "speaker")
+        counts, recent, state = yield Batch(self._speaker_calls(cid, speaker))
+        return decode_speaker_state(counts, recent, state, self.label_set)
+
+    def get_conversation(self, conversation_id: str, finals_only: bool = True) -> Op[dict | None]:
+        """Meta + utterances + per-speaker state, or None if the conversation is unknown."""
+        cid = check_id(conversation_id, "conversation_id")
+        meta, speakers = yield Batch(
+            (Call("hgetall", (self.keys.meta(cid),)), Call("smembers", (self.keys.speakers(cid),)))
+        )
+        if not meta:
+            return None
+        out = decode_meta(cid, meta, speakers)
+        out["utterances"] = yield from self.history(cid, finals_only=finals_only)
+        states: dict[str, dict] = {}
+        if out["speakers"]:
+            calls = tuple(c for s in out["speakers"] for c in self._speaker_calls(cid, s))
+            results = yield Batch(calls)
+            for i, s in enumerate(out["speakers"]):
+                states[s] = decode_speaker_state(*results[3 * i : 3 * i + 3], self.label_set)
+        out["speaker_state"] = states
+        return out
+
+    def _speaker_calls(self, cid: str, speaker: str) -> tuple[Call, ...]:
+        return (
+            Call("hgetall", (self.keys.speaker(cid, speaker, "counts"),)),
+            Call("lrange", (self.keys.speaker(cid, speaker, "recent"), 0, -1)),
+            Call("hgetall", (self.keys.speaker(cid, speaker, "state"),)),
+        )
+
+
+def _nested(entries: Any) -> bool:
+    """RESP3 XREAD wraps each stream's entry list in one more list on some redis-py versions."""
+    return bool(entries) and isinstance(entries[0], list) and bool(entries[0]) and isinstance(entries[0][0], (list, tuple))
