@@ -266,12 +266,12 @@ def test_list_end_exists_seq(store):
         time.sleep(0.003)
     store.append("c1", rec("u2", speaker="B"))
     listed = store.list_conversations()
-    assert [c["id"] for c in listed] == ["c1", "c3", "c2"]
+    assert [c["conversation_id"] for c in listed] == ["c1", "c3", "c2"]
     assert listed[0]["speakers"] == ["A", "B"] and listed[0]["n_final"] == 2 and listed[0]["status"] == "live"
-    assert [c["id"] for c in store.list_conversations(limit=2)] == ["c1", "c3"]
+    assert [c["conversation_id"] for c in store.list_conversations(limit=2)] == ["c1", "c3"]
     assert store.end_conversation("c2") is True and store.end_conversation("nope") is False
     assert store.get_conversation("c2")["status"] == "ended"
-    assert store.list_conversations()[0]["id"] == "c2"  # ending counts as an update
+    assert store.list_conversations()[0]["conversation_id"] == "c2"  # ending counts as an update
     assert store.exists("c2") and not store.exists("nope")
     assert store.get_conversation("nope") is None
     assert [store.next_seq("s") for _ in range(3)] == [1, 2, 3]
@@ -287,8 +287,8 @@ def test_tenants_isolated(redis_server_url, raw, cfg):
     b.append("only-b", rec("u1"))
     assert [r["label"] for r in a.history("shared-id")] == ["joy"]
     assert [r["label"] for r in b.history("shared-id")] == ["anger"]
-    assert [c["id"] for c in a.list_conversations()] == ["shared-id"]
-    assert {c["id"] for c in b.list_conversations()} == {"shared-id", "only-b"}
+    assert [c["conversation_id"] for c in a.list_conversations()] == ["shared-id"]
+    assert {c["conversation_id"] for c in b.list_conversations()} == {"shared-id", "only-b"}
     assert not a.exists("only-b")
     keys = keys_under(raw, cfg.key_prefix)
     tenants = (f"{cfg.key_prefix}:acme:".encode(), f"{cfg.key_prefix}:globex:".encode())
@@ -362,7 +362,7 @@ async def test_async_store_same_behaviour(redis_server_url, raw, cfg):
         assert (await s.speaker_state("c", "B"))["trend"] == -0.7
         conv = await s.get_conversation("c")
         assert conv["n_final"] == 2 and conv["speakers"] == ["A", "B"] and set(conv["speaker_state"]) == {"A", "B"}
-        assert [c["id"] for c in await s.list_conversations()] == ["c"]
+        assert [c["conversation_id"] for c in await s.list_conversations()] == ["c"]
         entries = await s.read_since("c", "0-0")
         assert len(entries) == 3 and await s.read_since("c", entries[-1]["entry_id"], block_ms=50) == []
         assert await s.next_seq("c") == 4 and await s.exists("c") and await s.end_conversation("c")

@@ -126,6 +126,103 @@ cmd_eval.configure = _configure_eval
 command("eval", "evaluate a checkpoint on labelled data")(cmd_eval)
 
 
+def _configure_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="a Serve YAML (default: configs/serve/local.yaml)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: from the config)")
+    p.add_argument("--checkpoint", default=None, help="serve this adapter checkpoint instead of the shipped one")
+
+
+def _start_service(args: argparse.Namespace):
+    from services.runner import LOCAL_CONFIG, service_from_file
+
+    overrides = {}
+    if getattr(args, "port", None):
+        overrides["port"] = args.port
+    service = service_from_file(args.config or LOCAL_CONFIG, **overrides)
+    if getattr(args, "checkpoint", None):
+        service.args = {**service.args, "model": {**service.args.get("model", {}), "checkpoint": args.checkpoint}}
+    return service.start()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start local Ray, Redis (embedded unless REDIS_URL is set) and the tracker application."""
+    import time
+
+    print("starting the tracker service (the first start converts the embedded LLM, about a minute) ...", flush=True)
+    service = _start_service(args)
+    print(f"serving: WebSocket {service.ws_url}")
+    print(f"         REST      {service.http_url}/v1/conversations   docs {service.http_url}/docs")
+    print(f"         dashboard {service.http_url}/")
+    print("Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+    return 0
+
+
+cmd_serve.configure = _configure_serve
+command("serve", "run the tracker service on this machine")(cmd_serve)
+
+
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    _configure_serve(p)
+    p.add_argument("--speed", type=float, default=2.0, help="playback speed of the demo call (1 = real time)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the service (and dashboard) up after the call")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Stream the bundled two-speaker call through the real services and print each label as it arrives."""
+    import asyncio
+    import sys
+    import time
+    import uuid
+
+    from clients.stream_client import demo_recording, stream_recording
+
+    recording, meta = demo_recording()
+    gold = {(u["speaker"], u["text"]): u["label"] for u in meta["utterances"]}
+    print(f"demo call: {meta['source']}, {recording.duration_ms / 1000:.0f} s, speakers {', '.join(recording.speakers)}")
+    print("starting the tracker service (Ray Serve + Redis; the first start converts the embedded LLM, about a minute) ...", flush=True)
+    t0 = time.time()
+    service = _start_service(args)
+    print(f"service up in {time.time() - t0:.0f} s at {service.http_url}", flush=True)
+    conversation_id = f"demo-{uuid.uuid4().hex[:8]}"
+
+    def show(msg: dict) -> None:
+        if msg.get("type") == "utterance":
+            conf = msg["probabilities"][msg["label"]]
+            ref = gold.get((msg["speaker"], msg["text"]))
+            ref_txt = f"  (MELD: {ref})" if ref else ""
+            span = f"{msg['start_ms'] / 1000:5.1f}-{msg['end_ms'] / 1000:5.1f}s" if msg.get("start_ms") is not None else "   text   "
+            print(f"[{span}] {msg['speaker']:>8s}: {msg['label']:<8s} {conf:4.0%}{ref_txt}  \"{msg['text']}\"", flush=True)
+        elif msg.get("type") == "error":
+            print(f"error {msg['code']}: {msg['message']}", flush=True)
+
+    try:
+        out = asyncio.run(stream_recording(service.ws_url, conversation_id, recording, speed=args.speed, on_message=show))
+        print(f"{len(out.results)} utterances labelled; stored in Redis as conversation {conversation_id}")
+        print(f"REST:      {service.http_url}/v1/conversations/{conversation_id}")
+        print(f"Dashboard: {service.http_url}/")
+        if args.keep_serving or sys.stdin.isatty():
+            print("The service keeps running; Ctrl-C stops it.", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        service.stop()
+    return 0 if out.results else 1
+
+
+cmd_demo.configure = _configure_demo
+command("demo", "stream a bundled call through the real services and print the labels")(cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracker", description="Streaming conversation emotion tracker")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")

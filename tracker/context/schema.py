@@ -297,7 +297,7 @@ def decode_entries(raw: Iterable[Any] | None) -> list[dict[str, Any]]:
 def decode_meta(conversation_id: str, raw: Mapping[Any, Any] | None, speakers: Iterable[Any]) -> dict[str, Any]:
     m = decode_hash(raw)
     return {
-        "id": conversation_id,
+        "conversation_id": conversation_id,
         "created_at": int(m.get("created_at", 0)),
         "updated_at": int(m.get("updated_at", 0)),
         "status": m.get("status", "live"),

@@ -1,0 +1,1 @@
+"""Clients of the tracker service: streaming client, replay and the dashboard."""

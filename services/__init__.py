@@ -1,0 +1,1 @@
+"""Ray Serve deployments and application wrapping the tracker library."""

@@ -1,0 +1,121 @@
+"""Configuration of the Ray Serve application (the `args` of configs/serve/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tracker.audio.features import FeatureExtractorConfig
+from tracker.audio.vad import VadConfig
+from tracker.config import ConfigError, load_dataclass
+from tracker.context.store import StoreConfig
+from services.session import SessionLimits
+
+
+@dataclass
+class DeploymentOptions:
+    """Ray Serve options of one deployment; fractional CPUs let all four share a small machine."""
+
+    num_replicas: int = 1
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0  # from config; 0 on CPU machines and in tests
+    max_ongoing_requests: int = 32
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1:
+            raise ConfigError(f"num_replicas: must be >= 1, got {self.num_replicas}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("num_cpus/num_gpus: must be >= 0")
+        if self.max_ongoing_requests < 1:
+            raise ConfigError(f"max_ongoing_requests: must be >= 1, got {self.max_ongoing_requests}")
+
+    def ray_options(self) -> dict[str, Any]:
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        return {"num_replicas": self.num_replicas, "ray_actor_options": actor,
+                "max_ongoing_requests": self.max_ongoing_requests}
+
+
+@dataclass
+class ModelServing:
+    """Which model the EmotionModel deployment serves and how it batches."""
+
+    checkpoint: str = "default"  # "default" = the model shipped in the package, else a checkpoint directory
+    backbone: str = ""  # override the backbone the checkpoint names ("" = keep it)
+    dtype: str = "auto"
+    device: str = "cpu"  # cuda where num_gpus > 0
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    num_threads: int = 0  # torch threads per replica (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size: must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0:
+            raise ConfigError("batch_wait_timeout_s: must be >= 0")
+
+
+@dataclass
+class Deployments:
+    ingress: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256))
+    feature_extractor: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.2))
+    emotion_model: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=1.0))
+    context_aggregator: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256))
+
+
+@dataclass
+class AppConfig:
+    """Everything the Serve application needs; `configs/serve/local.yaml` holds one as `args`."""
+
+    model: ModelServing = field(default_factory=ModelServing)
+    redis_url: str = ""  # "" = $REDIS_URL, else a private embedded Redis started with the app
+    store: StoreConfig = field(default_factory=StoreConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    features: FeatureExtractorConfig = field(default_factory=lambda: FeatureExtractorConfig(use_cache=False))
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    deployments: Deployments = field(default_factory=Deployments)
+
+    def __post_init__(self) -> None:
+        if self.deployments.emotion_model.max_ongoing_requests < self.model.max_batch_size:
+            raise ConfigError(
+                "deployments.emotion_model.max_ongoing_requests: must be at least model.max_batch_size "
+                f"({self.model.max_batch_size}) or batches can never fill"
+            )
+
+
+def load_app_config(args: dict[str, Any] | None) -> AppConfig:
+    return load_dataclass(AppConfig, args or {})
+
+
+@dataclass
+class ServeFile:
+    """A Serve config file as `serve run` reads it, plus our view of its first application."""
+
+    http_host: str
+    http_port: int
+    app: AppConfig
+    raw: dict[str, Any]
+
+
+def read_serve_file(path: str | Path) -> ServeFile:
+    """Read configs/serve/*.yaml (the Ray Serve config format) and validate our application's args."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"serve config not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    apps = raw.get("applications") or []
+    if not apps or not isinstance(apps[0], dict):
+        raise ConfigError(f"{path}: applications: expected a list with the tracker application")
+    http = raw.get("http_options") or {}
+    try:
+        app = load_dataclass(AppConfig, apps[0].get("args") or {}, prefix="applications[0].args")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return ServeFile(http_host=str(http.get("host", "127.0.0.1")), http_port=int(http.get("port", 8000)), app=app, raw=raw)

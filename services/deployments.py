@@ -1,0 +1,148 @@
+"""The three worker deployments: FeatureExtractor, EmotionModel and ContextAggregator.
+
+Each wraps a library object (tracker.audio, tracker.model, tracker.context) and adds only what
+serving needs: threads for blocking work, batching, and Redis connection handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from services.config import AppConfig, load_app_config
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment
+class FeatureExtractor:
+    """PCM16 utterance audio -> eGeMAPSv02 low-level descriptors (frames, 25)."""
+
+    def __init__(self, args: dict[str, Any]):
+        from tracker.audio.features import FeatureExtractor as Extractor
+
+        self.config = load_app_config(args)
+        self.extractor = Extractor(self.config.features)
+
+    async def extract(self, pcm: bytes, sample_rate: int) -> np.ndarray:
+        from tracker.audio.pcm import pcm16_to_numpy
+
+        samples = pcm16_to_numpy(pcm)
+        return await asyncio.to_thread(self.extractor.process_signal, samples, sample_rate)
+
+
+def load_serving_recognizer(config: AppConfig):
+    """The recognizer the config names: the shipped default or a checkpoint, on the configured device."""
+    import torch
+
+    from tracker.model.backbone import load_backbone
+    from tracker.model.checkpoint import read_config
+    from tracker.model.default import default_checkpoint
+    from tracker.model.recognizer import EmotionRecognizer
+
+    m = config.model
+    if m.num_threads:
+        torch.set_num_threads(m.num_threads)
+    path = default_checkpoint() if m.checkpoint == "default" else m.checkpoint
+    backbone = None
+    if m.backbone:
+        backbone = load_backbone(m.backbone, dtype=m.dtype, device=m.device)
+    else:
+        name = read_config(path)["backbone"]
+        backbone = load_backbone(name, dtype=m.dtype, device=m.device)
+    return EmotionRecognizer.from_pretrained(path, backbone=backbone)
+
+
+@serve.deployment
+class EmotionModel:
+    """Adapter + frozen LLM behind `@serve.batch`: concurrent utterances share one forward pass."""
+
+    def __init__(self, args: dict[str, Any]):
+        self.config = load_app_config(args)
+        self.recognizer = load_serving_recognizer(self.config)
+        self.label.set_max_batch_size(self.config.model.max_batch_size)
+        self.label.set_batch_wait_timeout_s(self.config.model.batch_wait_timeout_s)
+        self.batches = 0
+        self.items = 0
+        # warm-up: the first forward allocates and is slow
+        from tracker.model.inputs import UtteranceInput
+
+        self.recognizer.predict_proba([UtteranceInput("Hello.", "A")])
+
+    def info(self) -> dict[str, Any]:
+        rec = self.recognizer
+        return {"backbone": rec.backbone.name, "label_set": list(rec.label_set.labels),
+                "context_turns": rec.config.prompt.context_turns, "modalities": rec.modality_names,
+                "batches": self.batches, "items": self.items}
+
+    def _predict(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from tracker.model.inputs import Turn, UtteranceInput
+
+        inputs = []
+        for it in items:
+            features = {}
+            if it.get("audio_features") is not None:
+                features["audio"] = it["audio_features"]
+            context = tuple(Turn(s, t) for s, t in it.get("context", ()))
+            inputs.append(UtteranceInput(it.get("text", ""), it.get("speaker", "Speaker"), context, features))
+        probs = self.recognizer.predict_proba(inputs, batch_size=len(inputs))
+        preds = self.recognizer.to_predictions(probs)
+        return [{"label": p.label, "probabilities": p.probabilities, "score": p.score} for p in preds]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def label(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.batches += 1
+        self.items += len(items)
+        return await asyncio.to_thread(self._predict, items)
+
+
+@serve.deployment
+class ContextAggregator:
+    """Dialogue history in Redis: past context for the model, idempotent storage of results."""
+
+    def __init__(self, args: dict[str, Any], redis_url: str, label_set: dict[str, Any]):
+        from tracker.context.store import AsyncConversationStore
+        from tracker.labels import LabelSet
+
+        self.config = load_app_config(args)
+        self.store = AsyncConversationStore(redis_url, self.config.store, LabelSet.from_dict(label_set))
+
+    async def context(self, conversation_id: str, k: int) -> list[tuple[str, str]]:
+        return [(t.speaker, t.text) for t in await self.store.context(conversation_id, k)]
+
+    async def final_record(self, conversation_id: str, utterance_id: str) -> dict[str, Any] | None:
+        return await self.store.get_final(conversation_id, utterance_id)
+
+    async def record(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Store a final result once; a retried utterance id returns the record stored first."""
+        record = dict(record)
+        record["seq"] = await self.store.next_seq(conversation_id)
+        record.setdefault("created_at", time.time())
+        stored, _ = await self.store.append(conversation_id, record)
+        if stored:
+            return record
+        existing = await self.store.get_final(conversation_id, record["utterance_id"])
+        return existing if existing is not None else record
+
+    async def known(self, conversation_id: str) -> bool:
+        return await self.store.exists(conversation_id)
+
+    async def finals(self, conversation_id: str) -> list[dict[str, Any]]:
+        return await self.store.history(conversation_id, finals_only=True)
+
+    async def list_conversations(self, limit: int = 50) -> list[dict[str, Any]]:
+        return await self.store.list_conversations(limit=limit)
+
+    async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        return await self.store.get_conversation(conversation_id)
+
+    async def end_conversation(self, conversation_id: str) -> None:
+        await self.store.end_conversation(conversation_id)
+
+    async def ping(self) -> bool:
+        return await self.store.ping()

@@ -1,0 +1,163 @@
+"""The HTTP/WebSocket front door: FastAPI inside Ray Serve.
+
+Routes: WebSocket ``/v1/stream`` (docs/protocol.md), ``GET /v1/conversations``,
+``GET /v1/conversations/{id}``, ``GET /healthz``; OpenAPI docs at ``/docs``.
+"""
+
+# No `from __future__ import annotations` here: Serve's class-based FastAPI views read the
+# annotations as written, and a string "WebSocket" makes the /v1/stream route reject every client.
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from services import protocol as P
+from services.config import load_app_config
+from services.session import StreamSession
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(
+    title="tracker",
+    description="Streaming conversation emotion tracker: stream a call in, get each utterance's emotion back.",
+    version="0.1.0",
+)
+
+
+class ServePipeline:
+    """The StreamSession's pipeline, backed by the worker deployments' handles."""
+
+    def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle, context_turns: int):
+        self.features = features
+        self.model = model
+        self.context = context
+        self.context_turns = context_turns
+
+    async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
+        existing = await self.context.final_record.remote(conversation_id, job["utterance_id"])
+        if existing is not None:  # a retried utterance: answer with what is stored, label nothing again
+            return existing
+        feats = None
+        if job.get("pcm"):
+            feats = await self.features.extract.remote(job["pcm"], job["sample_rate"])
+        context = await self.context.context.remote(conversation_id, self.context_turns) if self.context_turns else []
+        pred = await self.model.label.remote({"text": job["text"], "speaker": job["speaker"], "context": context,
+                                              "audio_features": feats})
+        record = {
+            "conversation_id": conversation_id, "utterance_id": job["utterance_id"], "speaker": job["speaker"],
+            "start_ms": job.get("start_ms"), "end_ms": job.get("end_ms"), "text": job["text"],
+            "label": pred["label"], "probabilities": pred["probabilities"], "score": pred["score"], "is_final": True,
+            "modalities": (["text"] if job["text"].strip() else []) + (["audio"] if feats is not None else []),
+        }
+        return await self.context.record.remote(conversation_id, record)
+
+    async def conversation_known(self, conversation_id: str) -> bool:
+        return await self.context.known.remote(conversation_id)
+
+    async def stored_finals(self, conversation_id: str) -> list[dict[str, Any]]:
+        return await self.context.finals.remote(conversation_id)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle,
+                 args: dict[str, Any]):
+        self.config = load_app_config(args)
+        self.features, self.model, self.context = features, model, context
+        self._context_turns: int | None = None
+        self.open_streams = 0
+
+    async def _pipeline(self) -> ServePipeline:
+        if self._context_turns is None:
+            info = await self.model.info.remote()
+            self._context_turns = int(info["context_turns"])
+        return ServePipeline(self.features, self.model, self.context, self._context_turns)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness and readiness: the model is loaded and Redis answers."""
+        info = await self.model.info.remote()
+        redis_ok = await self.context.ping.remote()
+        return {"status": "ok" if redis_ok else "degraded", "redis": redis_ok, "model": info["backbone"],
+                "labels": info["label_set"], "open_streams": self.open_streams}
+
+    @api.get("/v1/conversations")
+    async def conversations(self, limit: int = 50) -> dict[str, Any]:
+        """Live and recent conversations, most recently updated first."""
+        limit = max(1, min(int(limit), 500))
+        return {"conversations": await self.context.list_conversations.remote(limit)}
+
+    @api.get("/v1/conversations/{conversation_id}")
+    async def conversation(self, conversation_id: str) -> dict[str, Any]:
+        """One conversation: its utterances with labels, and each speaker's rolling state."""
+        conv = await self.context.get_conversation.remote(conversation_id)
+        if conv is None:
+            raise HTTPException(status_code=404, detail=f"unknown conversation {conversation_id!r}")
+        return conv
+
+    async def _linger_after_stop(self, ws: WebSocket, session: StreamSession) -> tuple[int | None, str]:
+        """After `stop`, give the client a moment to close; anything it still sends is error 4006."""
+        try:
+            msg = await asyncio.wait_for(ws.receive(), timeout=1.0)
+        except asyncio.TimeoutError:
+            return P.CLOSE_NORMAL, "stopped"
+        if msg["type"] == "websocket.disconnect":
+            return None, ""
+        if msg.get("bytes") is not None:
+            await session.on_binary(msg["bytes"])
+        else:
+            await session.on_text(msg.get("text") or "")
+        err = session.fatal
+        return (err.code, err.message[:120]) if err else (P.CLOSE_NORMAL, "stopped")
+
+    @api.websocket("/v1/stream")
+    async def stream(self, ws: WebSocket) -> None:
+        await ws.accept()
+        self.open_streams += 1
+        closed = False
+
+        async def send(message: dict[str, Any]) -> None:
+            if closed:
+                return  # results are in Redis; the client catches up on resume
+            try:
+                await ws.send_json(message)
+            except Exception:  # the peer went away mid-send
+                pass
+
+        session = StreamSession(await self._pipeline(), send, self.config.vad, self.config.limits)
+        code, reason = P.CLOSE_NORMAL, "stopped"
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    code = None
+                    break
+                if msg.get("bytes") is not None:
+                    await session.on_binary(msg["bytes"])
+                elif msg.get("text") is not None:
+                    await session.on_text(msg["text"])
+                if session.fatal is not None:
+                    code, reason = session.fatal.code, session.fatal.message[:120]
+                    break
+                if session.stopped:
+                    code, reason = await self._linger_after_stop(ws, session)
+                    break
+        except WebSocketDisconnect:
+            code = None
+        except Exception as exc:  # never crash the replica for one stream
+            log.exception("stream failed")
+            code, reason = P.CLOSE_INTERNAL, f"internal error: {type(exc).__name__}"
+            await send({"type": "error", "code": P.CLOSE_INTERNAL, "message": reason, "fatal": True})
+        finally:
+            await session.close()
+            closed = True
+            self.open_streams -= 1
+            if code is not None:
+                try:
+                    await ws.close(code=code, reason=reason)
+                except Exception:
+                    pass

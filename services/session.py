@@ -1,0 +1,295 @@
+"""One streaming connection: audio segmentation, transcript matching and the ordered labelling queue.
+
+A :class:`StreamSession` is transport-free: the ingress feeds it decoded client messages and binary
+frames and it calls ``send`` with server messages. The actual work (features, context, the model,
+storage) goes through a :class:`Pipeline`, which the ingress backs with Ray Serve handles and tests
+may back with in-process objects.
+
+Timing: every time is stream time in milliseconds from sample counts (plus ``offset_ms`` of a
+resumed stream), never the wall clock. A voiced segment of channel c takes the transcripts of
+c's speaker that overlap it; it is released for labelling once such a transcript covers its end,
+or once that channel's audio has run ``transcript_wait_ms`` past its end, or on finalize/stop.
+A transcript no segment took (speech the VAD missed) is labelled from its text alone, so no
+transcribed speech is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+from services import protocol as P
+from tracker.audio.pcm import split_channels
+from tracker.audio.vad import Segment, StreamingSegmenter, VadConfig
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline(Protocol):
+    async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
+        """Extract features, fetch context, label and store one utterance; return the stored record."""
+
+    async def conversation_known(self, conversation_id: str) -> bool: ...
+
+    async def stored_finals(self, conversation_id: str) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class SessionLimits:
+    max_frame_bytes: int = 256 * 1024  # one binary frame
+    max_utterance_audio_bytes: int = 2 * 1024 * 1024  # base64-decoded audio of one `utterance` event
+    max_queue: int = 64  # utterances waiting for labels before the stream is closed as overloaded
+    transcript_wait_ms: int = 400  # how long a segment waits for its transcript (stream time)
+
+
+@dataclass
+class _Pending:
+    channel: int
+    segment: Segment
+    start_ms: int
+    end_ms: int
+
+
+@dataclass
+class _Job:
+    utterance_id: str
+    speaker: str
+    text: str
+    start_ms: int | None
+    end_ms: int | None
+    pcm: bytes | None
+    sample_rate: int
+    channel: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
+    return max(0, min(a1, b1) - max(a0, b0))
+
+
+class StreamSession:
+    """The server side of one WebSocket stream."""
+
+    def __init__(self, pipeline: Pipeline, send: Callable[[dict[str, Any]], Awaitable[None]],
+                 vad: VadConfig | None = None, limits: SessionLimits | None = None):
+        self.pipeline = pipeline
+        self.send = send
+        self.vad_config = vad or VadConfig()
+        self.limits = limits or SessionLimits()
+        self.start: P.Start | None = None
+        self.stopped = False
+        self._segmenters: list[StreamingSegmenter] = []
+        self._channel_offset: list[float] = []  # stream time at which each segmenter began
+        self._pending: list[_Pending] = []
+        self._transcripts: list[P.Transcript] = []
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._worker: asyncio.Task | None = None
+        self._auto_ids = 0
+        self._last_end_ms = 0
+        self.results_sent = 0
+        self.fatal: P.ProtocolError | None = None
+
+    # ------------------------------------------------------------------ client messages
+    async def on_text(self, raw: str | bytes) -> None:
+        """Handle one text frame; non-fatal protocol errors are answered and the stream goes on."""
+        try:
+            if self.stopped:
+                raise P.ProtocolError(P.AFTER_STOP, "the stream was stopped; open a new connection")
+            obj = P.parse_text_message(raw)
+            kind = obj["type"]
+            if kind == "start":
+                await self._on_start(obj)
+                return
+            if self.start is None:
+                raise P.ProtocolError(P.NOT_STARTED, f"'{kind}' before 'start': send a start message first")
+            if kind == "transcript":
+                self._transcripts.append(P.parse_transcript(obj, self.start.speakers))
+                self._release()
+            elif kind == "utterance":
+                ev = P.parse_utterance(obj, self.start.speakers, self.limits.max_utterance_audio_bytes)
+                self._enqueue(self._job_from_event(ev))
+            elif kind == "keepalive":
+                pass
+            elif kind == "finalize":
+                self._finalize()
+            elif kind == "stop":
+                await self.stop()
+        except P.ProtocolError as exc:
+            await self._error(exc)
+
+    async def on_binary(self, data: bytes) -> None:
+        try:
+            if self.stopped:
+                raise P.ProtocolError(P.AFTER_STOP, "audio after 'stop'")
+            if self.start is None:
+                raise P.ProtocolError(P.NOT_STARTED, "audio before 'start': send a start message first")
+            if len(data) > self.limits.max_frame_bytes:
+                raise P.ProtocolError(P.FRAME_TOO_LARGE, f"binary frame of {len(data)} bytes exceeds the limit of {self.limits.max_frame_bytes}")
+            if len(data) % (2 * self.start.channels):
+                raise P.ProtocolError(P.BAD_AUDIO, f"binary frame of {len(data)} bytes is not whole PCM16 samples for {self.start.channels} channel(s)")
+            for ch, pcm in enumerate(split_channels(data, self.start.channels) if self.start.channels > 1 else [data]):
+                for seg in self._segmenters[ch].push(pcm):
+                    self._add_segment(ch, seg)
+            self._release()
+        except P.ProtocolError as exc:
+            await self._error(exc)
+
+    async def _on_start(self, obj: dict[str, Any]) -> None:
+        if self.start is not None:
+            raise P.ProtocolError(P.ALREADY_STARTED, "the stream has already started")
+        start = P.parse_start(obj)
+        offset = obj.get("offset_ms", 0)
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= P.MAX_TIME_MS:
+            raise P.ProtocolError(P.INVALID_FIELD, "field 'offset_ms' must be an integer number of ms >= 0")
+        if start.resume and not await self.pipeline.conversation_known(start.conversation_id):
+            raise P.ProtocolError(P.UNKNOWN_CONVERSATION, f"cannot resume unknown conversation {start.conversation_id!r}")
+        self.start = start
+        self._segmenters = [StreamingSegmenter(self.vad_config, start.sample_rate) for _ in range(start.channels)]
+        self._channel_offset = [float(offset)] * start.channels
+        self._worker = asyncio.create_task(self._work())
+        done = await self.pipeline.stored_finals(start.conversation_id) if start.resume else []
+        await self.send({
+            "type": "started", "conversation_id": start.conversation_id, "sample_rate": start.sample_rate,
+            "channels": start.channels, "speakers": start.speakers, "offset_ms": offset,
+            "final_utterance_ids": [r["utterance_id"] for r in done],
+            "last_seq": max((int(r.get("seq") or 0) for r in done), default=0),
+        })
+
+    # ------------------------------------------------------------------ segmentation and matching
+    def _add_segment(self, channel: int, seg: Segment) -> None:
+        off = self._channel_offset[channel]
+        self._pending.append(_Pending(channel, seg, int(off + seg.start_ms), int(off + seg.end_ms)))
+
+    def _channel_time(self, channel: int) -> float:
+        return self._channel_offset[channel] + self._segmenters[channel].position_ms
+
+    def _release(self, force: bool = False) -> None:
+        """Move segments (and orphan transcripts) whose text is settled to the labelling queue."""
+        assert self.start is not None
+        wait = self.limits.transcript_wait_ms
+        self._pending.sort(key=lambda p: p.end_ms)
+        still: list[_Pending] = []
+        for p in self._pending:
+            speaker = self.start.speakers[p.channel]
+            mine = [t for t in self._transcripts if t.speaker == speaker and _overlap(t.start_ms, t.end_ms, p.start_ms, p.end_ms) > 0]
+            covered = any(t.end_ms >= p.end_ms - wait for t in mine)
+            if not (force or covered or self._channel_time(p.channel) >= p.end_ms + wait):
+                still.append(p)
+                continue
+            # a transcript goes to the pending segment it overlaps most
+            taken = [t for t in mine if self._best_segment(t) is p]
+            for t in taken:
+                self._transcripts.remove(t)
+            taken.sort(key=lambda t: t.start_ms)
+            text = " ".join(t.text.strip() for t in taken if t.text.strip())
+            self._enqueue(_Job(
+                utterance_id=f"{speaker}-{p.start_ms}", speaker=speaker, text=text, start_ms=p.start_ms,
+                end_ms=p.end_ms, pcm=p.segment.pcm, sample_rate=p.segment.sample_rate, channel=p.channel,
+            ))
+        self._pending = still
+        # transcripts that no segment took and none can take any more: label them from text
+        for t in list(self._transcripts):
+            ch = self.start.speakers.index(t.speaker)
+            open_seg = self._segmenters[ch].in_speech
+            overlaps_pending = any(_overlap(t.start_ms, t.end_ms, p.start_ms, p.end_ms) > 0 for p in self._pending)
+            if force or (not overlaps_pending and not open_seg and self._channel_time(ch) >= t.end_ms + wait):
+                self._transcripts.remove(t)
+                self._enqueue(_Job(utterance_id=f"{t.speaker}-t{t.start_ms}", speaker=t.speaker, text=t.text,
+                                   start_ms=t.start_ms, end_ms=t.end_ms, pcm=None, sample_rate=self.start.sample_rate))
+
+    def _best_segment(self, t: P.Transcript) -> _Pending | None:
+        best, best_ov = None, 0
+        for p in self._pending:
+            if self.start.speakers[p.channel] != t.speaker:
+                continue
+            ov = _overlap(t.start_ms, t.end_ms, p.start_ms, p.end_ms)
+            if ov > best_ov:
+                best, best_ov = p, ov
+        return best
+
+    def _finalize(self) -> None:
+        """End every open segment now and label everything pending; the stream may go on."""
+        assert self.start is not None
+        for ch, seg in enumerate(self._segmenters):
+            pos = self._channel_time(ch)
+            for s in seg.flush():
+                self._add_segment(ch, s)
+            self._segmenters[ch] = StreamingSegmenter(self.vad_config, self.start.sample_rate)
+            self._channel_offset[ch] = pos
+        self._release(force=True)
+
+    def _job_from_event(self, ev: P.UtteranceEvent) -> _Job:
+        assert self.start is not None
+        start, end = ev.start_ms, ev.end_ms
+        if start is None:  # untimed: it happens now, on the stream clock, and lasts as long as its audio
+            start = int(max([self._last_end_ms] + [self._channel_time(c) for c in range(self.start.channels)]))
+        if end is None:
+            end = start + (len(ev.audio) * 1000 // (2 * self.start.sample_rate) if ev.audio else 0)
+        self._last_end_ms = max(self._last_end_ms, end)
+        if ev.utterance_id is None:
+            self._auto_ids += 1
+            uid = f"{ev.speaker}-u{start}-{self._auto_ids}"
+        else:
+            uid = ev.utterance_id
+        return _Job(utterance_id=uid, speaker=ev.speaker, text=ev.text, start_ms=start, end_ms=end,
+                    pcm=ev.audio, sample_rate=self.start.sample_rate)
+
+    # ------------------------------------------------------------------ labelling queue
+    def _enqueue(self, job: _Job) -> None:
+        if self._queue.qsize() >= self.limits.max_queue:
+            raise P.ProtocolError(P.LIMIT_EXCEEDED, f"more than {self.limits.max_queue} utterances wait for labels; slow down")
+        self._queue.put_nowait(job)
+
+    async def _work(self) -> None:
+        """Label queued utterances one at a time, so results leave in order with increasing seq."""
+        assert self.start is not None
+        while True:
+            job = await self._queue.get()
+            try:
+                if job is None:
+                    return
+                payload = {
+                    "utterance_id": job.utterance_id, "speaker": job.speaker, "text": job.text,
+                    "start_ms": job.start_ms, "end_ms": job.end_ms, "pcm": job.pcm, "sample_rate": job.sample_rate,
+                }
+                try:
+                    record = await self.pipeline.label_utterance(self.start.conversation_id, payload)
+                except Exception as exc:  # one bad utterance must not end the stream
+                    log.exception("labelling %s failed", job.utterance_id)
+                    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's exception
+                    await self._error(P.ProtocolError(P.PROCESSING_FAILED, f"utterance {job.utterance_id}: {type(cause).__name__}: {str(cause)[:200]}"))
+                    continue
+                await self.send(P.result_message(record))
+                self.results_sent += 1
+            finally:
+                self._queue.task_done()
+
+    async def stop(self) -> None:
+        """Flush everything, wait until every utterance is labelled, then report `stopped`."""
+        if self.start is None:
+            self.stopped = True
+            return
+        self._finalize()
+        self.stopped = True
+        await self._queue.put(None)
+        if self._worker is not None:
+            await self._worker
+        await self.send({"type": "stopped", "conversation_id": self.start.conversation_id, "results": self.results_sent})
+
+    async def close(self) -> None:
+        """The connection went away: finish what was already segmented, drop nothing stored."""
+        if self._worker is not None and not self._worker.done():
+            if not self.stopped and self.start is not None:
+                self._release(force=True)
+            await self._queue.put(None)
+            try:
+                await asyncio.wait_for(self._worker, timeout=30)
+            except asyncio.TimeoutError:
+                self._worker.cancel()
+
+    async def _error(self, exc: P.ProtocolError) -> None:
+        if exc.fatal:
+            self.fatal = exc
+        await self.send(exc.to_message())
