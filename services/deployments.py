@@ -77,6 +77,7 @@ class EmotionModel:
     def info(self) -> dict[str, Any]:
         rec = self.recognizer
         return {"backbone": rec.backbone.name, "label_set": list(rec.label_set.labels),
+                "label_set_full": rec.label_set.to_dict(),
                 "context_turns": rec.config.prompt.context_turns, "modalities": rec.modality_names,
                 "batches": self.batches, "items": self.items}
 
@@ -143,6 +144,10 @@ class ContextAggregator:
 
     async def end_conversation(self, conversation_id: str) -> None:
         await self.store.end_conversation(conversation_id)
+
+    async def read_since(self, conversation_id: str, after: str, block_ms: int = 1000, count: int = 100) -> list[dict[str, Any]]:
+        """Stored entries after stream id `after` (waits up to `block_ms` for new ones): the dashboard feed."""
+        return await self.store.read_since(conversation_id, after, block_ms=block_ms, count=count)
 
     async def ping(self) -> bool:
         return await self.store.ping()

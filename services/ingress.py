@@ -10,7 +10,10 @@ import asyncio
 import logging
 from typing import Any
 
+from pathlib import Path
+
 from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -25,6 +28,10 @@ api = FastAPI(
     description="Streaming conversation emotion tracker: stream a call in, get each utterance's emotion back.",
     version="0.1.0",
 )
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "clients" / "dashboard"
+ALERT = {"k": 3, "m": 4, "clear": 1}  # escalation: >= k negative of a speaker's last m finals; clears at <= clear
 
 
 class ServePipeline:
@@ -77,6 +84,28 @@ class Ingress:
             self._context_turns = int(info["context_turns"])
         return ServePipeline(self.features, self.model, self.context, self._context_turns)
 
+    @api.get("/", include_in_schema=False)
+    async def dashboard(self) -> FileResponse:
+        """The live dashboard (clients/dashboard, no build step)."""
+        return FileResponse(DASHBOARD / "index.html")
+
+    @api.get("/dashboard/{path:path}", include_in_schema=False)
+    async def dashboard_file(self, path: str) -> FileResponse:
+        target = (DASHBOARD / path).resolve()
+        if DASHBOARD.resolve() not in target.parents or not target.is_file():
+            raise HTTPException(status_code=404, detail="not found")
+        return FileResponse(target)
+
+    @api.get("/v1/dashboard/config")
+    async def dashboard_config(self) -> dict[str, Any]:
+        """What the dashboard needs to draw: labels, which are negative, their valence, the alert rule."""
+        from tracker.labels import LabelSet
+
+        info = await self.model.info.remote()
+        ls = LabelSet.from_dict(info["label_set_full"])
+        return {"labels": list(ls.labels), "negative": list(ls.negative),
+                "valence": dict(zip(ls.labels, ls.values)), "alert": ALERT}
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         """Liveness and readiness: the model is loaded and Redis answers."""
@@ -113,6 +142,41 @@ class Ingress:
             await session.on_text(msg.get("text") or "")
         err = session.fatal
         return (err.code, err.message[:120]) if err else (P.CLOSE_NORMAL, "stopped")
+
+    @api.websocket("/v1/watch")
+    async def watch(self, ws: WebSocket, conversation_id: str, after: str = "0-0") -> None:
+        """Push a conversation's stored results to a dashboard: everything after `after`, then live.
+
+        Reads go to Redis in pages and only after the previous page was sent, so a slow consumer
+        never makes the server buffer: it simply catches up from Redis. A dashboard that reconnects
+        passes the last `entry_id` it saw as `after` and misses nothing.
+        """
+        await ws.accept()
+        gone = asyncio.Event()
+
+        async def watch_disconnect() -> None:
+            try:
+                while (await ws.receive())["type"] != "websocket.disconnect":
+                    pass
+            except Exception:
+                pass
+            gone.set()
+
+        listener = asyncio.create_task(watch_disconnect())
+        last = after or "0-0"
+        try:
+            while not gone.is_set():
+                entries = await self.context.read_since.remote(conversation_id, last, 1000, 200)
+                for entry in entries:
+                    await ws.send_json({"type": "utterance", "conversation_id": conversation_id, **entry})
+                    last = entry["entry_id"]
+        except ValueError as exc:
+            await ws.send_json({"type": "error", "code": P.INVALID_FIELD, "message": str(exc), "fatal": True})
+            await ws.close(code=P.INVALID_FIELD)
+        except Exception:
+            pass  # the dashboard went away
+        finally:
+            listener.cancel()
 
     @api.websocket("/v1/stream")
     async def stream(self, ws: WebSocket) -> None:

@@ -1,0 +1,57 @@
+"""The embedded Gemma-3-270M, for real (slow: the first run converts the GGUF, about a minute)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tracker.data import load_dataset
+from tracker.data.records import iter_examples
+from tracker.labels import MELD7
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    from tracker.model.backbone import gemma_cache_path, load_backbone
+
+    backbone = load_backbone("gemma3-270m", dtype="bf16")
+    assert (gemma_cache_path() / "model.safetensors").stat().st_size > 100_000_000
+    return backbone
+
+
+def five_meld_dev_items():
+    convs = load_dataset("meld:dev")
+    pairs = list(iter_examples(convs[:2], k=3))[:5]
+    return [u.to_input(ctx) for u, ctx in pairs]
+
+
+def test_gemma_loads_from_the_cache_frozen_with_the_expected_shape(gemma):
+    assert gemma.hidden_size == 640 and gemma.num_layers == 18
+    assert not any(p.requires_grad for p in gemma.model.parameters())
+    ids = gemma.tokenizer.encode(" neutral", add_special_tokens=False)
+    assert len(ids) == 1
+
+
+def test_shipped_adapter_labels_five_meld_dev_utterances_with_valid_distributions(gemma):
+    from tracker.model.default import default_checkpoint
+    from tracker.model.recognizer import EmotionRecognizer
+
+    rec = EmotionRecognizer.from_pretrained(default_checkpoint(), backbone=gemma)
+    preds = rec.predict(five_meld_dev_items(), batch_size=5)
+    assert len(preds) == 5
+    for p in preds:
+        assert list(p.probabilities) == list(MELD7.labels)
+        probs = np.array(list(p.probabilities.values()))
+        assert np.all(probs >= 0) and abs(probs.sum() - 1) < 1e-5 and np.isfinite(probs).all()
+        assert p.label in MELD7.labels
+
+
+def test_untrained_adapter_on_gemma_also_gives_valid_distributions(gemma):
+    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+
+    rec = EmotionRecognizer(gemma, RecognizerConfig())
+    probs = rec.predict_proba(five_meld_dev_items(), batch_size=5)
+    assert probs.shape == (5, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert rec.adapter.config.llm_hidden_size == 640
