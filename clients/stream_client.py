@@ -68,6 +68,8 @@ class StreamOutcome:
     errors: list[dict[str, Any]] = field(default_factory=list)
     stopped: dict[str, Any] | None = None
     close_code: int | None = None
+    reconnects: int = 0
+    duplicates: int = 0  # final results received again for an utterance already seen (should stay 0)
 
 
 async def stream_recording(
@@ -130,3 +132,108 @@ async def stream_recording(
         await ws.close()
         out.close_code = ws.close_code
     return out
+
+
+def _rewind_ms(results: list[dict[str, Any]], speakers: list[str]) -> int:
+    """Where to resume sending audio: the earliest point after which some channel may hold speech
+    without a final result (the minimum over channels of that channel's last final end)."""
+    last = {sp: 0 for sp in speakers}
+    for r in results:
+        if r.get("is_final") and r.get("end_ms") is not None and r["speaker"] in last:
+            last[r["speaker"]] = max(last[r["speaker"]], int(r["end_ms"]))
+    point = min(last.values()) if last else 0
+    return point - point % 30  # on a VAD frame boundary
+
+
+async def stream_resumable(
+    url: str,
+    conversation_id: str,
+    recording: Recording,
+    speed: float = 1.0,
+    chunk_ms: int = 100,
+    on_message: Callable[[dict[str, Any]], None] | None = None,
+    max_reconnects: int = 10,
+    cut_at_ms: list[int] | None = None,
+    headers: dict[str, str] | None = None,
+) -> StreamOutcome:
+    """Like :func:`stream_recording`, but survives dropped connections.
+
+    After a drop it reconnects with ``resume``, rewinds the audio to the last point every channel
+    has final results for, and tells the server the last ``seq`` it saw; the server re-sends what
+    was missed and answers re-detected utterances from storage, so each utterance ends up with
+    exactly one final result. ``cut_at_ms`` drops the connection at those stream times (for tests).
+    """
+    import websockets
+
+    out = StreamOutcome()
+    seen: dict[str, dict[str, Any]] = {}
+    cuts = sorted(cut_at_ms or [])
+    rate, ch = recording.sample_rate, recording.channels
+    per_chunk = max(1, rate * chunk_ms // 1000)
+    attempt = 0
+    while True:
+        rewind = _rewind_ms(list(seen.values()), recording.speakers) if attempt else 0
+        last_seq = max((int(r.get("seq") or 0) for r in seen.values()), default=0)
+        try:
+            async with websockets.connect(url, max_size=2**24, additional_headers=headers) as ws:
+                stopped = asyncio.Event()
+
+                async def reader() -> None:
+                    async for raw in ws:
+                        msg = json.loads(raw)
+                        kind = msg.get("type")
+                        if kind == "started":
+                            out.started = msg
+                        elif kind == "utterance" and msg.get("is_final"):
+                            if msg["utterance_id"] in seen:
+                                out.duplicates += 1
+                                continue
+                            seen[msg["utterance_id"]] = msg
+                            out.results.append(msg)
+                        elif kind == "error":
+                            out.errors.append(msg)
+                        elif kind == "stopped":
+                            out.stopped = msg
+                        if on_message:
+                            on_message(msg)
+                        if kind == "stopped":
+                            stopped.set()
+                            return
+
+                task = asyncio.create_task(reader())
+                await ws.send(json.dumps({
+                    "type": "start", "conversation_id": conversation_id, "sample_rate": rate, "encoding": "linear16",
+                    "channels": ch, "speakers": recording.speakers, "resume": attempt > 0,
+                    "offset_ms": rewind, "resume_after_seq": last_seq,
+                }))
+                first = rewind * rate // 1000
+                pending = sorted((t for t in recording.transcripts if t["end_ms"] > rewind), key=lambda t: t["end_ms"])
+                loop = asyncio.get_running_loop()
+                t0 = loop.time() - first / rate / max(speed, 1e-9)
+                for start in range(first, recording.samples.shape[0], per_chunk):
+                    chunk = recording.samples[start : start + per_chunk]
+                    played_ms = 1000 * (start + len(chunk)) / rate
+                    if cuts and played_ms >= cuts[0]:
+                        cuts.pop(0)
+                        ws.transport.abort()  # the network drops, no close handshake
+                        raise ConnectionError("connection cut")
+                    await ws.send(np.ascontiguousarray(chunk, dtype="<i2").tobytes())
+                    while pending and pending[0]["end_ms"] <= played_ms:
+                        await ws.send(json.dumps({"type": "transcript", **pending.pop(0)}))
+                    if speed > 0:
+                        wait = t0 + played_ms / 1000 / speed - loop.time()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                for t in pending:
+                    await ws.send(json.dumps({"type": "transcript", **t}))
+                await ws.send(json.dumps({"type": "stop"}))
+                await asyncio.wait_for(stopped.wait(), timeout=300)
+                await ws.close()
+                out.close_code = ws.close_code
+                return out
+        except (ConnectionError, OSError, websockets.ConnectionClosed, asyncio.TimeoutError):
+            attempt += 1
+            out.reconnects += 1
+            if attempt > max_reconnects:
+                raise
+            await asyncio.sleep(min(5.0, 0.2 * 2 ** (attempt - 1)))

@@ -68,6 +68,8 @@ class Start:
     channels: int = 1
     speakers: list[str] = field(default_factory=lambda: ["Speaker"])
     resume: bool = False
+    offset_ms: int = 0  # stream time of the first sample of this connection
+    resume_after_seq: int = 0  # on resume: the last seq the client has; stored results after it are re-sent
 
 
 @dataclass
@@ -172,7 +174,14 @@ def parse_start(obj: dict[str, Any]) -> Start:
     resume = obj.get("resume", False)
     if not isinstance(resume, bool):
         raise ProtocolError(INVALID_FIELD, "field 'resume' must be a boolean")
-    return Start(conversation_id=cid, sample_rate=rate, encoding=encoding, channels=channels, speakers=list(speakers), resume=resume)
+    ints = {}
+    for name in ("offset_ms", "resume_after_seq"):
+        value = obj.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIME_MS:
+            raise ProtocolError(INVALID_FIELD, f"field '{name}' must be an integer >= 0")
+        ints[name] = value
+    return Start(conversation_id=cid, sample_rate=rate, encoding=encoding, channels=channels, speakers=list(speakers),
+                 resume=resume, **ints)
 
 
 def parse_transcript(obj: dict[str, Any], speakers: list[str]) -> Transcript:

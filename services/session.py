@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
 from services import protocol as P
@@ -62,7 +62,7 @@ class _Job:
     pcm: bytes | None
     sample_rate: int
     channel: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    explicit: bool = False  # an `utterance` event: every request gets an answer, even a retry
 
 
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
@@ -88,6 +88,8 @@ class StreamSession:
         self._worker: asyncio.Task | None = None
         self._auto_ids = 0
         self._last_end_ms = 0
+        self._stored: list[dict[str, Any]] = []  # final results stored before this (resumed) connection
+        self._delivered: set[str] = set()  # utterance ids whose final result the client has
         self.results_sent = 0
         self.fatal: P.ProtocolError | None = None
 
@@ -140,22 +142,27 @@ class StreamSession:
         if self.start is not None:
             raise P.ProtocolError(P.ALREADY_STARTED, "the stream has already started")
         start = P.parse_start(obj)
-        offset = obj.get("offset_ms", 0)
-        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= P.MAX_TIME_MS:
-            raise P.ProtocolError(P.INVALID_FIELD, "field 'offset_ms' must be an integer number of ms >= 0")
-        if start.resume and not await self.pipeline.conversation_known(start.conversation_id):
+        offset = start.offset_ms
+        if start.resume and start.resume_after_seq > 0 and not await self.pipeline.conversation_known(start.conversation_id):
+            # the client holds results of a conversation the server does not know: a wrong id, or expired
             raise P.ProtocolError(P.UNKNOWN_CONVERSATION, f"cannot resume unknown conversation {start.conversation_id!r}")
         self.start = start
         self._segmenters = [StreamingSegmenter(self.vad_config, start.sample_rate) for _ in range(start.channels)]
         self._channel_offset = [float(offset)] * start.channels
         self._worker = asyncio.create_task(self._work())
         done = await self.pipeline.stored_finals(start.conversation_id) if start.resume else []
+        self._stored = done
         await self.send({
             "type": "started", "conversation_id": start.conversation_id, "sample_rate": start.sample_rate,
             "channels": start.channels, "speakers": start.speakers, "offset_ms": offset,
             "final_utterance_ids": [r["utterance_id"] for r in done],
             "last_seq": max((int(r.get("seq") or 0) for r in done), default=0),
         })
+        # a resuming client gets the results it missed, and never one it already has
+        for r in sorted(done, key=lambda r: int(r.get("seq") or 0)):
+            if int(r.get("seq") or 0) > start.resume_after_seq:
+                await self.send(P.result_message(r))
+            self._delivered.add(r["utterance_id"])
 
     # ------------------------------------------------------------------ segmentation and matching
     def _add_segment(self, channel: int, seg: Segment) -> None:
@@ -199,6 +206,21 @@ class StreamSession:
                 self._enqueue(_Job(utterance_id=f"{t.speaker}-t{t.start_ms}", speaker=t.speaker, text=t.text,
                                    start_ms=t.start_ms, end_ms=t.end_ms, pcm=None, sample_rate=self.start.sample_rate))
 
+    def _stored_id(self, speaker: str, start_ms: int, end_ms: int) -> str | None:
+        """On resume, the id of a stored final this span re-detects (same speaker, >= half overlap).
+
+        Re-sent audio is segmented afresh, and VAD boundaries can shift by a frame or two; matching by
+        overlap rather than by exact start time keeps an utterance from being stored twice.
+        """
+        for r in self._stored:
+            if r.get("speaker") != speaker or r.get("start_ms") is None:
+                continue
+            ov = _overlap(start_ms, end_ms, int(r["start_ms"]), int(r["end_ms"]))
+            shorter = min(end_ms - start_ms, int(r["end_ms"]) - int(r["start_ms"]))
+            if shorter > 0 and ov >= 0.5 * shorter:
+                return r["utterance_id"]
+        return None
+
     def _best_segment(self, t: P.Transcript) -> _Pending | None:
         best, best_ov = None, 0
         for p in self._pending:
@@ -234,7 +256,7 @@ class StreamSession:
         else:
             uid = ev.utterance_id
         return _Job(utterance_id=uid, speaker=ev.speaker, text=ev.text, start_ms=start, end_ms=end,
-                    pcm=ev.audio, sample_rate=self.start.sample_rate)
+                    pcm=ev.audio, sample_rate=self.start.sample_rate, explicit=True)
 
     # ------------------------------------------------------------------ labelling queue
     def _enqueue(self, job: _Job) -> None:
@@ -250,6 +272,11 @@ class StreamSession:
             try:
                 if job is None:
                     return
+                if self.start.resume and not job.explicit:
+                    # results the previous connection was still storing when it dropped count too
+                    self._stored = await self.pipeline.stored_finals(self.start.conversation_id)
+                    if job.start_ms is not None and job.end_ms is not None:
+                        job.utterance_id = self._stored_id(job.speaker, job.start_ms, job.end_ms) or job.utterance_id
                 payload = {
                     "utterance_id": job.utterance_id, "speaker": job.speaker, "text": job.text,
                     "start_ms": job.start_ms, "end_ms": job.end_ms, "pcm": job.pcm, "sample_rate": job.sample_rate,
@@ -261,8 +288,10 @@ class StreamSession:
                     cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's exception
                     await self._error(P.ProtocolError(P.PROCESSING_FAILED, f"utterance {job.utterance_id}: {type(cause).__name__}: {str(cause)[:200]}"))
                     continue
-                await self.send(P.result_message(record))
-                self.results_sent += 1
+                if job.explicit or record["utterance_id"] not in self._delivered:
+                    await self.send(P.result_message(record))
+                    self.results_sent += 1
+                self._delivered.add(record["utterance_id"])
             finally:
                 self._queue.task_done()
 

@@ -133,10 +133,10 @@ def test_retried_utterance_is_stored_once(service):
     cid = f"retry-{uuid.uuid4().hex[:8]}"
     audio = base64.b64encode((np.sin(np.arange(8000) / 8) * 8000).astype("<i2").tobytes()).decode()
 
-    async def session(resume: bool) -> list[dict]:
+    async def session(resume: bool, after: int = 0) -> list[dict]:
         async with websockets.connect(service.ws_url) as ws:
             await ws.send(json.dumps({"type": "start", "conversation_id": cid, "sample_rate": 16000, "channels": 1,
-                                      "speakers": ["Ann"], "resume": resume}))
+                                      "speakers": ["Ann"], "resume": resume, "resume_after_seq": after}))
             ev = {"type": "utterance", "utterance_id": "u-1", "speaker": "Ann", "text": "I want a refund now.",
                   "start_ms": 0, "end_ms": 500, "audio": audio}
             await ws.send(json.dumps(ev))
@@ -145,9 +145,12 @@ def test_retried_utterance_is_stored_once(service):
             return await collect(ws)
 
     first = run(session(False))
-    second = run(session(True))  # and again after reconnecting
+    seq = [m for m in first if m["type"] == "utterance"][0]["seq"]
+    second = run(session(True, after=seq))  # and again after reconnecting (the client has seq already)
     results = [m for m in first + second if m["type"] == "utterance"]
     assert len(results) == 4 and len({(r["utterance_id"], r["seq"], r["label"]) for r in results}) == 1
+    third = run(session(True))  # a client that says it has nothing gets the stored result re-sent first
+    assert [m["type"] for m in third][:2] == ["started", "utterance"] and third[1]["seq"] == seq
     assert second[0]["type"] == "started" and second[0]["final_utterance_ids"] == ["u-1"]
     conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30).json()
     assert [u["utterance_id"] for u in conv["utterances"]] == ["u-1"]
@@ -257,3 +260,25 @@ def test_other_connections_keep_working_during_bad_input(service):
     import httpx
 
     assert httpx.get(f"{service.http_url}/healthz", timeout=30).json()["status"] == "ok"
+
+
+def test_client_reconnect_mid_conversation_gives_exactly_one_final_result_per_utterance(service, voiced):
+    import httpx
+
+    from clients.stream_client import Recording, stream_resumable
+
+    cid = f"cut-{uuid.uuid4().hex[:8]}"
+    rec = Recording(voiced.samples, voiced.sample_rate, voiced.speakers,
+                    [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in voiced.utterances])
+    # the network drops twice: once mid-utterance, once in a gap between turns
+    mid = (voiced.utterances[1]["start_ms"] + voiced.utterances[1]["end_ms"]) // 2
+    gap = voiced.utterances[3]["end_ms"] + 300
+    out = run(stream_resumable(service.ws_url, cid, rec, speed=4.0, cut_at_ms=[mid, gap]))
+    assert out.reconnects == 2 and out.duplicates == 0 and out.errors == []
+    assert len(out.results) == len(TURNS)
+    for truth in voiced.utterances:
+        mine = [r for r in out.results if r["speaker"] == truth["speaker"]
+                and min(r["end_ms"], truth["end_ms"]) > max(r["start_ms"], truth["start_ms"])]
+        assert len(mine) == 1, (truth, mine)
+    conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30).json()
+    assert sorted(u["utterance_id"] for u in conv["utterances"]) == sorted(r["utterance_id"] for r in out.results)
