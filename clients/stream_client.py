@@ -29,6 +29,14 @@ class Recording:
     def channels(self) -> int:
         return int(self.samples.shape[1])
 
+    def available(self) -> int:
+        """Samples that can be sent now (a file: all of them; a microphone: what was captured)."""
+        return int(self.samples.shape[0])
+
+    @property
+    def finished(self) -> bool:
+        return True
+
     @property
     def duration_ms(self) -> int:
         return int(1000 * self.samples.shape[0] / self.sample_rate)
@@ -79,59 +87,11 @@ async def stream_recording(
     speed: float = 1.0,
     chunk_ms: int = 100,
     on_message: Callable[[dict[str, Any]], None] | None = None,
-    send_transcripts: bool = True,
     headers: dict[str, str] | None = None,
 ) -> StreamOutcome:
-    """Stream a recording to the service and return everything it answered."""
-    import websockets
-
-    out = StreamOutcome()
-    rate, ch = recording.sample_rate, recording.channels
-    per_chunk = max(1, rate * chunk_ms // 1000)
-    pending = sorted(recording.transcripts, key=lambda t: t["end_ms"]) if send_transcripts else []
-    async with websockets.connect(url, max_size=2**24, additional_headers=headers) as ws:
-
-        async def reader() -> None:
-            async for raw in ws:
-                msg = json.loads(raw)
-                kind = msg.get("type")
-                if kind == "started":
-                    out.started = msg
-                elif kind == "utterance":
-                    out.results.append(msg)
-                elif kind == "error":
-                    out.errors.append(msg)
-                elif kind == "stopped":
-                    out.stopped = msg
-                if on_message:
-                    on_message(msg)
-                if kind == "stopped":
-                    return  # everything is labelled; we close
-
-        task = asyncio.create_task(reader())
-        await ws.send(json.dumps({"type": "start", "conversation_id": conversation_id, "sample_rate": rate,
-                                  "encoding": "linear16", "channels": ch, "speakers": recording.speakers}))
-        t0 = asyncio.get_running_loop().time()
-        for start in range(0, recording.samples.shape[0], per_chunk):
-            chunk = recording.samples[start : start + per_chunk]
-            await ws.send(np.ascontiguousarray(chunk, dtype="<i2").tobytes())
-            played_ms = 1000 * (start + len(chunk)) / rate
-            while pending and pending[0]["end_ms"] <= played_ms:
-                await ws.send(json.dumps({"type": "transcript", **pending.pop(0)}))
-            if speed > 0:
-                wait = t0 + played_ms / 1000 / speed - asyncio.get_running_loop().time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-        for t in pending:
-            await ws.send(json.dumps({"type": "transcript", **t}))
-        await ws.send(json.dumps({"type": "stop"}))
-        try:
-            await asyncio.wait_for(task, timeout=300)
-        except asyncio.TimeoutError:
-            task.cancel()
-        await ws.close()
-        out.close_code = ws.close_code
-    return out
+    """Stream a recording once (no reconnecting) and return everything the service answered."""
+    return await stream_resumable(url, conversation_id, recording, speed=speed, chunk_ms=chunk_ms,
+                                  on_message=on_message, max_reconnects=0, headers=headers)
 
 
 def _rewind_ms(results: list[dict[str, Any]], speakers: list[str]) -> int:
@@ -210,9 +170,16 @@ async def stream_resumable(
                 pending = sorted((t for t in recording.transcripts if t["end_ms"] > rewind), key=lambda t: t["end_ms"])
                 loop = asyncio.get_running_loop()
                 t0 = loop.time() - first / rate / max(speed, 1e-9)
-                for start in range(first, recording.samples.shape[0], per_chunk):
-                    chunk = recording.samples[start : start + per_chunk]
-                    played_ms = 1000 * (start + len(chunk)) / rate
+                start = first
+                while True:
+                    if start >= recording.available():
+                        if recording.finished and start >= recording.available():
+                            break
+                        await asyncio.sleep(chunk_ms / 2000)  # live audio: wait for the microphone
+                        continue
+                    chunk = recording.samples[start : min(start + per_chunk, recording.available())]
+                    start += len(chunk)
+                    played_ms = 1000 * start / rate
                     if cuts and played_ms >= cuts[0]:
                         cuts.pop(0)
                         ws.transport.abort()  # the network drops, no close handshake
@@ -231,9 +198,49 @@ async def stream_resumable(
                 await ws.close()
                 out.close_code = ws.close_code
                 return out
-        except (ConnectionError, OSError, websockets.ConnectionClosed, asyncio.TimeoutError):
+        except (ConnectionError, OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as exc:
+            if isinstance(exc, websockets.ConnectionClosed) and exc.rcvd is not None and 4000 <= exc.rcvd.code < 5000:
+                raise  # a protocol error will not go away by reconnecting
             attempt += 1
             out.reconnects += 1
             if attempt > max_reconnects:
                 raise
             await asyncio.sleep(min(5.0, 0.2 * 2 ** (attempt - 1)))
+
+
+class MicRecording(Recording):
+    """Live microphone audio (sounddevice), buffered so a reconnect can re-send from its rewind point."""
+
+    def __init__(self, sample_rate: int = 16000, channels: int = 1, speakers: list[str] | None = None,
+                 device: int | str | None = None, max_seconds: float = 4 * 3600):
+        import sounddevice as sd
+
+        super().__init__(np.zeros((int(sample_rate * max_seconds), channels), dtype=np.int16), sample_rate,
+                         speakers or [f"Speaker {i + 1}" for i in range(channels)])
+        self._n = 0
+        self._done = False
+        self._stream = sd.InputStream(samplerate=sample_rate, channels=channels, dtype="int16", device=device,
+                                      callback=self._on_audio, blocksize=sample_rate // 50)
+
+    def _on_audio(self, indata, frames, time_info, status) -> None:
+        n = min(frames, self.samples.shape[0] - self._n)
+        self.samples[self._n : self._n + n] = indata[:n]
+        self._n += n
+        if self._n >= self.samples.shape[0]:
+            self._done = True
+
+    def available(self) -> int:
+        return self._n
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def start(self) -> "MicRecording":
+        self._stream.start()
+        return self
+
+    def stop(self) -> None:
+        self._stream.stop()
+        self._stream.close()
+        self._done = True

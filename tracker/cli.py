@@ -223,6 +223,56 @@ cmd_demo.configure = _configure_demo
 command("demo", "stream a bundled call through the real services and print the labels")(cmd_demo)
 
 
+def _configure_stream(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", help="a WAV/FLAC file, one speaker per channel")
+    p.add_argument("--mic", action="store_true", help="stream the microphone instead of a file")
+    p.add_argument("--transcript", default=None, help="JSON/JSONL transcripts: speaker, text, start_ms, end_ms")
+    p.add_argument("--speakers", default=None, help="comma-separated speaker names, one per channel")
+    p.add_argument("--url", default="ws://127.0.0.1:8000/v1/stream", help="the service's WebSocket address")
+    p.add_argument("--speed", type=float, default=1.0, help="file playback speed (1 = real time, 0 = as fast as possible)")
+    p.add_argument("--conversation-id", default=None)
+    p.add_argument("--device", default=None, help="sounddevice input device (index or name)")
+    p.add_argument("--channels", type=int, default=1, help="microphone channels")
+    p.add_argument("--seconds", type=float, default=None, help="stop the microphone after this long")
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """Stream a file or the microphone to a running tracker; reconnects and resumes on drops."""
+    from clients.stream_cli import run_stream
+
+    if bool(args.file) == bool(args.mic):
+        raise SystemExit("tracker stream: give a FILE or --mic (not both)")
+    speakers = [s.strip() for s in args.speakers.split(",")] if args.speakers else None
+    return run_stream(args.url, args.file, args.mic, args.transcript, speakers, args.speed, args.conversation_id,
+                      args.device, args.channels, args.seconds)
+
+
+cmd_stream.configure = _configure_stream
+command("stream", "stream a WAV/FLAC file or the microphone to a running service")(cmd_stream)
+
+
+def _configure_replay(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="meld:dev, emorynlp:dev, ravdess:dev or a .jsonl file (docs/data-format.md)")
+    p.add_argument("--through", default=None, help="a running service (http://host:port or ws://.../v1/stream); default: in-process")
+    p.add_argument("--checkpoint", default=None, help="adapter checkpoint for in-process replay (default: the shipped model)")
+    p.add_argument("--speed", type=float, default=0.0, help="through a service: turns per second x speed (0 = as fast as possible)")
+    p.add_argument("--out", default=None, help="predictions JSONL (default: predictions-<data>.jsonl)")
+    p.add_argument("--report", default=None, help="write the metrics report as JSON here")
+    p.add_argument("--limit", type=int, default=0, help="first N conversations only")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Run recorded dialogues through the tracker; predictions as JSONL and metrics when labelled."""
+    from clients.replay import run_replay
+
+    return run_replay(args.data, args.checkpoint, args.through, args.speed, args.out, args.report, args.limit, args.batch_size)
+
+
+cmd_replay.configure = _configure_replay
+command("replay", "replay recorded dialogues in-process or through a service")(cmd_replay)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracker", description="Streaming conversation emotion tracker")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")

@@ -316,12 +316,15 @@
 
   function onMessage(state, msg) {
     if (msg.type === "error") {
-      state.error = msg.message || "error";
+      // (the server may put a whole traceback in `message`: show its last line only)
+      const lines = String(msg.message || "error").split("\n").map((l) => l.trim()).filter(Boolean);
+      state.error = (lines[lines.length - 1] || "error").slice(0, 160);
       if (msg.code === 4002) state.lastEntryId = "0-0"; // a bad cursor: start over, dedupe keeps it clean
       renderHeader();
       return;
     }
     if (msg.type !== "utterance" || !msg.utterance_id) return;
+    state.error = null;
     if (msg.conversation_id && msg.conversation_id !== state.id) return;
     if (msg.entry_id && entryIdGreater(msg.entry_id, state.lastEntryId)) state.lastEntryId = msg.entry_id;
     const key = msg.utterance_id + (msg.is_final ? "|f" : "|p");

@@ -1,0 +1,148 @@
+"""`tracker replay`: run recorded dialogues through the tracker, in-process or through a running service.
+
+In-process, each conversation's utterances are labelled in order with the same past-only context
+the live service uses (the last k utterances); through a service, each conversation is sent as
+`utterance` events over the streaming protocol and the service keeps the context in Redis. Either
+way the predictions are written as JSONL, and a metrics report follows when the data has labels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from tracker.data import load_dataset
+from tracker.data.records import Conversation
+from tracker.metrics import ClassificationReport, classification_report
+
+
+def _read_as(spec: str, label_set_name: str) -> str:
+    return "meld7" if spec.startswith("ravdess") and label_set_name == "meld7" else ""
+
+
+def replay_in_process(recognizer, conversations: list[Conversation], batch_size: int = 8, extractor=None) -> list[dict[str, Any]]:
+    """Label every utterance with its past context; one prediction record per utterance, in order."""
+    from tracker.data.records import iter_examples
+    from tracker.model.inputs import UtteranceInput
+
+    pairs = list(iter_examples(conversations, k=recognizer.config.prompt.context_turns))
+    items = []
+    for utt, ctx in pairs:
+        feats = {}
+        if extractor is not None and utt.audio_path and "audio" in recognizer.modality_names:
+            feats["audio"] = extractor.process_file(utt.audio_path, utt.start_s, utt.end_s)
+        items.append(UtteranceInput(utt.text, utt.speaker, tuple(ctx), feats))
+    preds = recognizer.predict(items, batch_size=batch_size)
+    return [_record(utt, p.label, p.probabilities) for (utt, _), p in zip(pairs, preds)]
+
+
+def _record(utt, label: str, probabilities: dict[str, float]) -> dict[str, Any]:
+    return {"conversation_id": utt.conversation_id, "utterance_id": utt.utterance_id, "speaker": utt.speaker,
+            "text": utt.text, "gold": utt.label, "label": label, "probabilities": probabilities}
+
+
+async def _replay_conversation(url: str, conv: Conversation, run_id: str, speed: float, sample_rate: int = 16000) -> dict[str, dict]:
+    import websockets
+
+    from tracker.audio.pcm import numpy_to_pcm16, read_audio
+
+    speakers = list(dict.fromkeys(u.speaker for u in conv.utterances))
+    results: dict[str, dict] = {}
+    async with websockets.connect(url, max_size=2**24) as ws:
+        await ws.send(json.dumps({"type": "start", "conversation_id": f"{run_id}-{conv.conversation_id}", "sample_rate": sample_rate,
+                                  "channels": len(speakers), "speakers": speakers}))
+
+        async def reader() -> None:
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg.get("type") == "utterance" and msg.get("is_final"):
+                    results[msg["utterance_id"]] = msg
+                elif msg.get("type") == "error":
+                    raise RuntimeError(f"service error {msg['code']}: {msg['message']}")
+                elif msg.get("type") == "stopped":
+                    return
+
+        task = asyncio.create_task(reader())
+        for utt in conv.utterances:
+            ev: dict[str, Any] = {"type": "utterance", "utterance_id": utt.utterance_id, "speaker": utt.speaker, "text": utt.text}
+            if utt.audio_path:
+                samples, _ = read_audio(utt.audio_path, dtype="float32", target_rate=sample_rate, start=utt.start_s, end=utt.end_s)
+                ev["audio"] = base64.b64encode(numpy_to_pcm16(samples)).decode()
+            await ws.send(json.dumps(ev))
+            if speed > 0:
+                await asyncio.sleep(1.0 / speed)  # a turn a second at speed 1
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(task, timeout=600)
+    return results
+
+
+def replay_through_service(url: str, conversations: list[Conversation], speed: float = 0.0, concurrency: int = 4) -> list[dict[str, Any]]:
+    """Send each conversation to a running service; conversations run `concurrency` at a time."""
+    run_id = f"replay-{uuid.uuid4().hex[:6]}"
+
+    async def go() -> list[dict[str, dict]]:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(conv: Conversation) -> dict[str, dict]:
+            async with sem:
+                return await _replay_conversation(url, conv, run_id, speed)
+
+        return await asyncio.gather(*(one(c) for c in conversations))
+
+    out = []
+    for conv, res in zip(conversations, asyncio.run(go())):
+        for utt in conv.utterances:
+            r = res.get(utt.utterance_id)
+            if r is None:
+                raise RuntimeError(f"the service returned no result for {utt.utterance_id}")
+            out.append(_record(utt, r["label"], r["probabilities"]))
+    return out
+
+
+def report_for(records: list[dict[str, Any]], labels: list[str]) -> ClassificationReport | None:
+    scored = [r for r in records if r.get("gold") in labels]
+    if not scored:
+        return None
+    return classification_report([labels.index(r["gold"]) for r in scored], [labels.index(r["label"]) for r in scored], labels)
+
+
+def run_replay(data: str, checkpoint: str | None, through: str | None, speed: float, out_path: str | None,
+               report_path: str | None, limit: int = 0, batch_size: int = 8) -> int:
+    from tracker.model.recognizer import EmotionRecognizer
+    from tracker.model.default import default_checkpoint
+
+    ckpt = checkpoint or str(default_checkpoint())
+    recognizer = EmotionRecognizer.from_pretrained(ckpt) if not through else None
+    if recognizer is not None:
+        label_set = recognizer.label_set
+    else:
+        from tracker.labels import LabelSet
+        from tracker.model.checkpoint import read_config
+
+        label_set = LabelSet.from_dict(read_config(ckpt)["label_set"])
+    conversations = load_dataset(data, label_set=_read_as(data, label_set.name) or None)
+    if limit:
+        conversations = conversations[:limit]
+    if through:
+        url = through.rstrip("/")
+        url = url if url.endswith("/v1/stream") else url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
+        records = replay_through_service(url, conversations, speed)
+    else:
+        from tracker.audio.features import FeatureExtractor
+
+        records = replay_in_process(recognizer, conversations, batch_size, FeatureExtractor())
+    out_path = out_path or f"predictions-{data.replace(':', '_').replace('/', '_')}.jsonl"
+    with open(out_path, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"{len(records)} predictions written to {out_path}")
+    report = report_for(records, list(label_set.labels))
+    if report is not None:
+        print(report.to_text())
+        if report_path:
+            Path(report_path).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
