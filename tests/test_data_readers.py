@@ -272,3 +272,12 @@ def test_ravdess_identical_actor07_clips_stay_on_one_side(shared):
     dev_ids = {c.conversation_id for c in load_dataset("ravdess:dev")}
     assert all(f"ravdess-{n}" in train_ids for n in names)
     assert not any(f"ravdess-{n}" in dev_ids for n in names)
+
+
+def test_context_holds_the_last_k_turns_for_every_position():
+    from tracker.data.records import Conversation, Utterance, to_inputs
+
+    conv = Conversation("c", [Utterance("c", f"u{i}", i, "A", f"t{i}") for i in range(6)])
+    for k in (1, 2, 3, 5):
+        for i, (utt, ctx) in enumerate(to_inputs(conv, k)):
+            assert [t.text for t in ctx] == [f"t{j}" for j in range(max(0, i - k), i)], (k, i)

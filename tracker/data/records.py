@@ -81,7 +81,7 @@ def to_inputs(conversation: Conversation, k: int | None = None) -> Iterator[tupl
                 f"utterance {utt.utterance_id!r} belongs to {utt.conversation_id!r}, "
                 f"not {conversation.conversation_id!r}"
             )
-        context = turns if k is None else turns[len(turns) - k:] if k else []
+        context = turns if k is None else turns[-k:] if k else []
         yield utt, list(context)
         turns.append(utt.turn())
 
