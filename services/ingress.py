@@ -67,6 +67,9 @@ class ServePipeline:
     async def stored_finals(self, conversation_id: str) -> list[dict[str, Any]]:
         return await self.context.finals.remote(conversation_id)
 
+    async def end_conversation(self, conversation_id: str) -> None:
+        await self.context.end_conversation.remote(conversation_id)
+
 
 @serve.deployment
 @serve.ingress(api)
@@ -152,6 +155,11 @@ class Ingress:
         passes the last `entry_id` it saw as `after` and misses nothing.
         """
         await ws.accept()
+        if not conversation_id or len(conversation_id) > P.MAX_ID_CHARS:
+            await ws.send_json({"type": "error", "code": P.INVALID_FIELD, "fatal": True,
+                                "message": f"conversation_id must have 1 to {P.MAX_ID_CHARS} characters"})
+            await ws.close(code=P.INVALID_FIELD)
+            return
         gone = asyncio.Event()
 
         async def watch_disconnect() -> None:
@@ -171,7 +179,8 @@ class Ingress:
                     await ws.send_json({"type": "utterance", "conversation_id": conversation_id, **entry})
                     last = entry["entry_id"]
         except ValueError as exc:
-            await ws.send_json({"type": "error", "code": P.INVALID_FIELD, "message": str(exc), "fatal": True})
+            cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's exception
+            await ws.send_json({"type": "error", "code": P.INVALID_FIELD, "message": str(cause)[:300], "fatal": True})
             await ws.close(code=P.INVALID_FIELD)
         except Exception:
             pass  # the dashboard went away

@@ -33,6 +33,8 @@ class Pipeline(Protocol):
 
     async def conversation_known(self, conversation_id: str) -> bool: ...
 
+    async def end_conversation(self, conversation_id: str) -> None: ...
+
     async def stored_finals(self, conversation_id: str) -> list[dict[str, Any]]: ...
 
 
@@ -305,6 +307,7 @@ class StreamSession:
         await self._queue.put(None)
         if self._worker is not None:
             await self._worker
+        await self.pipeline.end_conversation(self.start.conversation_id)  # a dropped connection may resume; a stop ends it
         await self.send({"type": "stopped", "conversation_id": self.start.conversation_id, "results": self.results_sent})
 
     async def close(self) -> None:
