@@ -121,3 +121,18 @@ def test_train_config_errors_name_the_field(tmp_path):
         tiny_config(tmp_path, train=[{"spec": "meld:train", "repeat": "x"}])
     with pytest.raises(ConfigError, match="class_weighting"):
         tiny_config(tmp_path, class_weighting="balanced")
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, tiny_backbone, data_dir):
+    torch.manual_seed(0)
+    src = EmotionRecognizer(tiny_backbone, tiny_config(tmp_path).model)
+    with torch.no_grad():
+        for p in src.adapter.parameters():
+            p.add_(0.1)
+    src.save_pretrained(tmp_path / "src")
+    cfg = tiny_config(tmp_path, name="warm", init_from=str(tmp_path / "src"), max_steps=1, lr=1e-9, dev=[])
+    rec = EmotionRecognizer(tiny_backbone, cfg.model)
+    Trainer(cfg, recognizer=rec, progress=False).fit()
+    for (k, a), (_, b) in zip(src.trainable_state_dict().items(), rec.trainable_state_dict().items()):
+        if "norm_" not in k:  # the feature statistics are refitted on this run's data
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)

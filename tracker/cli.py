@@ -61,22 +61,16 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="a training YAML (configs/train/*.yaml)")
     p.add_argument("--run-dir", default=None, help="where the run writes (default: output_dir/name from the config)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if the run directory has a checkpoint")
-    p.add_argument("--ray", action="store_true", help="run on Ray Train (TorchTrainer) with the config's scaling")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the adapter (frozen LLM); resumes from the run's last checkpoint unless --no-resume."""
     from tracker.training.config import TrainConfig
 
+    from tracker.training.trainer import Trainer
+
     config = TrainConfig.from_yaml(args.config)
-    if args.ray:
-        from services.train_job import run_ray_training
-
-        result = run_ray_training(config, run_dir=args.run_dir, resume=not args.no_resume)
-    else:
-        from tracker.training.trainer import Trainer
-
-        result = Trainer(config, run_dir=args.run_dir).fit(resume=not args.no_resume)
+    result = Trainer(config, run_dir=args.run_dir).fit(resume=not args.no_resume)
     for spec, rep in result.get("dev", {}).items():
         print(f"{spec}: accuracy {100 * rep['accuracy']:.2f}  weighted F1 {100 * rep['weighted_f1']:.2f}")
     return 0

@@ -27,20 +27,12 @@ class DataSource:
 
 
 @dataclass
-class RayTrainConfig:
-    """Ray Train scaling for multi-GPU or cluster training (`tracker train --ray`)."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 2.0
-
-
-@dataclass
 class TrainConfig:
     """Adapter-only training of a recognizer on a frozen LLM."""
 
     name: str = "run"
-    output_dir: str = "runs"  # the run writes to output_dir/name
+    output_dir: str = "runs"  # the run writes to output_dir/name ("~" and $VARS are expanded)
+    init_from: str = ""  # start from this checkpoint's weights when the run has no resumable state
     model: RecognizerConfig = field(default_factory=RecognizerConfig)
     train: list[DataSource] = field(default_factory=lambda: [DataSource("meld:train")])
     dev: list[DataSource] = field(default_factory=lambda: [DataSource("meld:dev")])  # the first selects the best
@@ -59,7 +51,6 @@ class TrainConfig:
     autocast_bf16: bool = True  # bf16 autocast where supported
     num_threads: int = 0  # torch threads (0 = torch's default)
     dev_limit: int = 0  # evaluate on the first N dev utterances only (0 = all)
-    ray: RayTrainConfig = field(default_factory=RayTrainConfig)
 
     def __post_init__(self) -> None:
         if not self.train:

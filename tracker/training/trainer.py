@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -74,7 +75,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, recognizer: EmotionRecognizer | None = None,
                  run_dir: str | Path | None = None, hooks: list[Hook] | None = None, progress: bool = True):
         self.config = config
-        self.run_dir = Path(run_dir) if run_dir else Path(config.output_dir) / config.name
+        self.run_dir = Path(run_dir) if run_dir else Path(os.path.expandvars(config.output_dir)).expanduser() / config.name
         self.hooks = list(hooks or [])
         self.progress = progress
         if config.num_threads:
@@ -154,6 +155,10 @@ class Trainer:
             s.update(state_io.load_state(last, optimizer))
             log.info("resumed from %s at step %d", last, s["global_step"])
             self._emit("resume", {"step": s["global_step"]})
+        elif cfg.init_from:
+            start = EmotionRecognizer.from_pretrained(cfg.init_from, backbone=rec.backbone)
+            rec.load_trainable_state_dict(start.trainable_state_dict())
+            log.info("initialised from %s", cfg.init_from)
         weights = self.loss_weights.to(rec.backbone.device)
         last_save = time.time()
         ema_loss = None
