@@ -136,8 +136,6 @@ async def stream_resumable(
         last_seq = max((int(r.get("seq") or 0) for r in seen.values()), default=0)
         try:
             async with websockets.connect(url, max_size=2**24, additional_headers=headers) as ws:
-                stopped = asyncio.Event()
-
                 async def reader() -> None:
                     async for raw in ws:
                         msg = json.loads(raw)
@@ -157,47 +155,49 @@ async def stream_resumable(
                         if on_message:
                             on_message(msg)
                         if kind == "stopped":
-                            stopped.set()
                             return
 
                 task = asyncio.create_task(reader())
-                await ws.send(json.dumps({
-                    "type": "start", "conversation_id": conversation_id, "sample_rate": rate, "encoding": "linear16",
-                    "channels": ch, "speakers": recording.speakers, "resume": attempt > 0,
-                    "offset_ms": rewind, "resume_after_seq": last_seq,
-                }))
-                first = rewind * rate // 1000
-                pending = sorted((t for t in recording.transcripts if t["end_ms"] > rewind), key=lambda t: t["end_ms"])
-                loop = asyncio.get_running_loop()
-                t0 = loop.time() - first / rate / max(speed, 1e-9)
-                start = first
-                while True:
-                    if start >= recording.available():
-                        if recording.finished and start >= recording.available():
-                            break
-                        await asyncio.sleep(chunk_ms / 2000)  # live audio: wait for the microphone
-                        continue
-                    chunk = recording.samples[start : min(start + per_chunk, recording.available())]
-                    start += len(chunk)
-                    played_ms = 1000 * start / rate
-                    if cuts and played_ms >= cuts[0]:
-                        cuts.pop(0)
-                        ws.transport.abort()  # the network drops, no close handshake
-                        raise ConnectionError("connection cut")
-                    await ws.send(np.ascontiguousarray(chunk, dtype="<i2").tobytes())
-                    while pending and pending[0]["end_ms"] <= played_ms:
-                        await ws.send(json.dumps({"type": "transcript", **pending.pop(0)}))
-                    if speed > 0:
-                        wait = t0 + played_ms / 1000 / speed - loop.time()
-                        if wait > 0:
-                            await asyncio.sleep(wait)
-                for t in pending:
-                    await ws.send(json.dumps({"type": "transcript", **t}))
-                await ws.send(json.dumps({"type": "stop"}))
-                await asyncio.wait_for(stopped.wait(), timeout=300)
-                await ws.close()
-                out.close_code = ws.close_code
-                return out
+                try:
+                    await ws.send(json.dumps({
+                        "type": "start", "conversation_id": conversation_id, "sample_rate": rate, "encoding": "linear16",
+                        "channels": ch, "speakers": recording.speakers, "resume": attempt > 0,
+                        "offset_ms": rewind, "resume_after_seq": last_seq,
+                    }))
+                    first = rewind * rate // 1000
+                    pending = sorted((t for t in recording.transcripts if t["end_ms"] > rewind), key=lambda t: t["end_ms"])
+                    loop = asyncio.get_running_loop()
+                    t0 = loop.time() - first / rate / max(speed, 1e-9)
+                    start = first
+                    while True:
+                        if start >= recording.available():
+                            if recording.finished and start >= recording.available():
+                                break
+                            await asyncio.sleep(chunk_ms / 2000)  # live audio: wait for the microphone
+                            continue
+                        chunk = recording.samples[start : min(start + per_chunk, recording.available())]
+                        start += len(chunk)
+                        played_ms = 1000 * start / rate
+                        if cuts and played_ms >= cuts[0]:
+                            cuts.pop(0)
+                            ws.transport.abort()  # the network drops, no close handshake
+                            raise ConnectionError("connection cut")
+                        await ws.send(np.ascontiguousarray(chunk, dtype="<i2").tobytes())
+                        while pending and pending[0]["end_ms"] <= played_ms:
+                            await ws.send(json.dumps({"type": "transcript", **pending.pop(0)}))
+                        if speed > 0:
+                            wait = t0 + played_ms / 1000 / speed - loop.time()
+                            if wait > 0:
+                                await asyncio.sleep(wait)
+                    for t in pending:
+                        await ws.send(json.dumps({"type": "transcript", **t}))
+                    await ws.send(json.dumps({"type": "stop"}))
+                    await asyncio.wait_for(task, timeout=300)  # returns at `stopped`; raises if the server drops us
+                    await ws.close()
+                    out.close_code = ws.close_code
+                    return out
+                finally:
+                    task.cancel()  # ends the reader if we leave early (a cut, an error)
         except (ConnectionError, OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as exc:
             if isinstance(exc, websockets.ConnectionClosed) and exc.rcvd is not None and 4000 <= exc.rcvd.code < 5000:
                 raise  # a protocol error will not go away by reconnecting

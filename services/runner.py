@@ -33,6 +33,7 @@ class LocalService:
     num_cpus: int | None = None
     _redis: Any = None
     _ray_started: bool = False
+    _running: bool = False
 
     @property
     def http_url(self) -> str:
@@ -63,6 +64,7 @@ class LocalService:
         serve.start(http_options={"host": self.host, "port": self.port}, logging_config={"log_level": "WARNING"})
         serve.run(build_app(self.args), name="tracker", route_prefix="/", blocking=False)
         self._wait_healthy(timeout_s)
+        self._running = True
         return self
 
     def _wait_healthy(self, timeout_s: float) -> None:
@@ -82,6 +84,7 @@ class LocalService:
         import ray
         from ray import serve
 
+        self._running = False
         try:
             serve.shutdown()
         finally:
@@ -92,7 +95,7 @@ class LocalService:
                 self._redis = None
 
     def __enter__(self) -> "LocalService":
-        return self.start()
+        return self if self._running else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -27,3 +27,25 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_test_service(checkpoint, **model_overrides):
+    """The real service (Ray Serve + embedded Redis) on a free loopback port, sized for 2 test cores."""
+    from services.runner import LocalService
+
+    args = {
+        "model": {"checkpoint": str(checkpoint), "dtype": "fp32", "max_batch_size": 4, "num_threads": 1, **model_overrides},
+        "deployments": {
+            "ingress": {"num_cpus": 0.1}, "feature_extractor": {"num_cpus": 0.1},
+            "emotion_model": {"num_cpus": 0.5, "max_ongoing_requests": 16}, "context_aggregator": {"num_cpus": 0.1},
+        },
+    }
+    return LocalService(port=free_port(), args=args, num_cpus=2).start(timeout_s=240)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import start_test_service
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
 
@@ -68,12 +69,6 @@ DROP_AFTER = 6  # the watch socket is dropped (reconnect held back) after this s
 REWIND_AFTER = 9  # and dropped again with the cursor forgotten, so the server replays everything
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------ fixtures
 
 
@@ -121,17 +116,7 @@ def checkpoint(tmp_path_factory, tiny_backbone):
 
 @pytest.fixture(scope="module")
 def service(checkpoint):
-    from services.runner import LocalService
-
-    args = {
-        "model": {"checkpoint": str(checkpoint), "dtype": "fp32", "max_batch_size": 4, "num_threads": 1},
-        "deployments": {
-            "ingress": {"num_cpus": 0.1}, "feature_extractor": {"num_cpus": 0.1},
-            "emotion_model": {"num_cpus": 0.5, "max_ongoing_requests": 16}, "context_aggregator": {"num_cpus": 0.1},
-        },
-    }
-    svc = LocalService(port=free_port(), args=args, num_cpus=2)
-    svc.start(timeout_s=240)
+    svc = start_test_service(checkpoint)
     yield svc
     svc.stop()
 

@@ -37,16 +37,12 @@ def test_in_process_replay_gives_the_same_figures_as_eval(tiny_checkpoint, tmp_p
 
 @pytest.mark.service
 def test_replay_through_the_service_gives_the_same_labels_as_in_process(tiny_checkpoint, tiny_backbone, data_dir):
-    from tests.test_service_integration import free_port
-    from services.runner import LocalService
+    from tests.conftest import start_test_service
 
     convs = load_dataset("meld:dev")[:3]
     rec = EmotionRecognizer.from_pretrained(tiny_checkpoint, backbone=tiny_backbone)
     local = replay_in_process(rec, convs)
-    args = {"model": {"checkpoint": str(tiny_checkpoint), "dtype": "fp32", "num_threads": 1},
-            "deployments": {"ingress": {"num_cpus": 0.1}, "feature_extractor": {"num_cpus": 0.1},
-                            "emotion_model": {"num_cpus": 0.5, "max_ongoing_requests": 16}, "context_aggregator": {"num_cpus": 0.1}}}
-    with LocalService(port=free_port(), args=args, num_cpus=2) as svc:
+    with start_test_service(tiny_checkpoint) as svc:
         remote = replay_through_service(svc.ws_url, convs, speed=0, concurrency=3)
     assert [r["utterance_id"] for r in remote] == [r["utterance_id"] for r in local]
     assert [r["label"] for r in remote] == [r["label"] for r in local]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import uuid
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import redis
 import websockets
 
+from tests.conftest import start_test_service
 from tracker.audio.synth import have_espeak, voice_conversation
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
@@ -32,17 +32,10 @@ TURNS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_backbone):
     import torch
 
-    from services.runner import LocalService
     from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
     from tracker.model.adapter import AdapterConfig
 
@@ -50,16 +43,7 @@ def service(tmp_path_factory, tiny_backbone):
     ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
     EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32",
                                                       adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4))).save_pretrained(ckpt)
-    args = {
-        "model": {"checkpoint": str(ckpt), "dtype": "fp32", "max_batch_size": 4, "num_threads": 1},
-        "limits": {"max_frame_bytes": 65536, "transcript_wait_ms": 400},
-        "deployments": {
-            "ingress": {"num_cpus": 0.1}, "feature_extractor": {"num_cpus": 0.1},
-            "emotion_model": {"num_cpus": 0.5, "max_ongoing_requests": 16}, "context_aggregator": {"num_cpus": 0.1},
-        },
-    }
-    svc = LocalService(port=free_port(), args=args, num_cpus=2)
-    svc.start(timeout_s=240)
+    svc = start_test_service(ckpt)
     yield svc
     svc.stop()
 
@@ -201,7 +185,7 @@ async def expect(url: str, messages: list, want_code: int, fatal: bool, start: b
         ("second start", [json.dumps({"type": "start", "conversation_id": "again"})], 4007, False, True),
         ("audio before start", [b"\x00\x00" * 160], 4003, True, False),
         ("transcript before start", [json.dumps({"type": "transcript", "speaker": "A", "text": "x", "start_ms": 0, "end_ms": 9})], 4003, True, False),
-        ("oversized frame", [b"\x00\x00" * 40000], 4005, True, True),
+        ("oversized frame", [b"\x00\x00" * 140000], 4005, True, True),
         ("odd byte count", [b"\x00\x00\x00"], 4008, True, True),
     ],
 )
@@ -250,7 +234,7 @@ def test_other_connections_keep_working_during_bad_input(service):
     async def bad():
         for payload in ["{", json.dumps({"type": 7}), json.dumps([])]:
             await expect(service.ws_url, [payload], 0, False)
-        await expect(service.ws_url, [b"\x00" * 200000], 4005, True)
+        await expect(service.ws_url, [b"\x00" * 300000], 4005, True)
 
     async def both():
         return await asyncio.gather(good(), bad())
