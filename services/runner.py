@@ -61,6 +61,7 @@ class LocalService:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False)
             self._ray_started = True
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # start-up chatter is not for users
         serve.start(http_options={"host": self.host, "port": self.port}, logging_config={"log_level": "WARNING"})
         serve.run(build_app(self.args), name="tracker", route_prefix="/", blocking=False)
         self._wait_healthy(timeout_s)
