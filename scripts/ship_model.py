@@ -44,7 +44,9 @@ def main() -> int:
     history, steps = [], None
     if args.run_dir and (Path(args.run_dir) / "last" / "trainer_state.json").exists():
         state = json.loads((Path(args.run_dir) / "last" / "trainer_state.json").read_text())
-        history, steps = state.get("history", []), state.get("global_step")
+        history = state.get("history", [])
+        scored = [h for h in history if "meld:dev/weighted_f1" in h]
+        steps = max(scored, key=lambda h: h["meld:dev/weighted_f1"])["step"] if scored else None  # the best one
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     (SHIPPED / "eval.json").write_text(json.dumps({"reports": reports, "history": history}, indent=2))
     (SHIPPED / "README.md").write_text(model_card(rec, reports, history, steps, commit))

@@ -199,3 +199,9 @@ def test_linear_head_on_a_middle_layer_starts_as_lm_head_scoring_and_trains(tiny
     lin.save_pretrained(tmp_path / "lin")
     again = EmotionRecognizer.from_pretrained(tmp_path / "lin", backbone=tiny_backbone)
     np.testing.assert_array_equal(lin.predict_proba(ITEMS), again.predict_proba(ITEMS))
+
+
+def test_linear_head_init_scale_zero_starts_uniform(tiny_backbone):
+    rec = EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", head="linear", head_init_scale=0.0))
+    probs = rec.predict_proba(ITEMS)
+    np.testing.assert_allclose(probs, np.full_like(probs, 1 / 7), atol=1e-6)

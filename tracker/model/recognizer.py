@@ -42,6 +42,10 @@ class RecognizerConfig:
     # Which hidden state feeds the head: 0 = the LLM's last layer; k = the output of decoder layer k
     # (the forward stops there, so a middle layer is also cheaper). Middle layers often carry more.
     head_layer: int = 0
+    # The linear head starts as head_init_scale x the label words' LM-head rows. 1 = zero-shot scoring;
+    # smaller values soften it: on a middle layer those rows give very confident, mostly wrong logits
+    # (initial loss 3-7), which slows early training; 0 starts from a uniform distribution.
+    head_init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.head not in ("lm_head", "linear"):
@@ -133,7 +137,7 @@ class EmotionRecognizer(nn.Module):
             rows = self.llm.get_output_embeddings().weight[self.label_token_ids].detach().float()
             self.label_head = nn.Linear(backbone.hidden_size, len(self.label_set))
             with torch.no_grad():
-                self.label_head.weight.copy_(rows)  # starts as the zero-shot LM-head scoring
+                self.label_head.weight.copy_(rows * config.head_init_scale)  # 1.0: the zero-shot LM-head scoring
                 self.label_head.bias.zero_()
         self.adapter.to(backbone.device)
         if self.label_head is not None:
