@@ -50,6 +50,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"trainable params  {rec.num_trainable_parameters():,}")
     print(f"label set         {rec.label_set.name}: {', '.join(rec.label_set.labels)}")
     print(f"cache directory   {cache_dir()}")
+    from tracker.model.checkpoint import CheckpointError
+    from tracker.model.default import default_checkpoint
+
+    try:
+        shipped = EmotionRecognizer.from_pretrained(default_checkpoint(), backbone=backbone)
+        print(f"shipped model     {default_checkpoint()}: {shipped.num_trainable_parameters():,} trainable params, "
+              f"head {shipped.config.head} on layer {shipped.config.head_layer or 'last'}")
+    except CheckpointError as exc:
+        print(f"shipped model     none ({exc})")
     return 0
 
 
