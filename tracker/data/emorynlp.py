@@ -8,17 +8,15 @@ Utterance_ID). Labels are lowercased into the emorynlp7 set. The test split is h
 from __future__ import annotations
 
 import ast
-import csv
 from collections import defaultdict
 from pathlib import Path
 
 from tracker.data.meld import parse_timestamp
-from tracker.data.paths import DatasetError, data_dir, require_file
+from tracker.data.paths import DatasetError, csv_rows, split_file
 from tracker.data.records import Conversation, Utterance, build_conversation
 from tracker.labels import EMORYNLP7
 
 SPLITS = ("train", "dev")
-HELD_OUT = ("test",)
 COLUMNS = ("Utterance", "Speaker", "Emotion", "Scene_ID", "Utterance_ID", "Season", "Episode")
 SPEAKER_JOIN = " & "
 
@@ -44,14 +42,7 @@ def parse_speakers(raw: str) -> list[str]:
 
 
 def emorynlp_path(split: str, root: Path | None = None) -> Path:
-    if split in HELD_OUT:
-        raise DatasetError(
-            f"emorynlp:{split} is held out: it is deliberately absent from the shared data; "
-            f"tune on emorynlp:train and select/report on emorynlp:dev"
-        )
-    if split not in SPLITS:
-        raise DatasetError(f"unknown EmoryNLP split {split!r} (known: {', '.join(SPLITS)})")
-    return require_file((root or data_dir()) / "emorynlp" / f"emorynlp_{split}_final.csv")
+    return split_file("emorynlp", split, SPLITS, f"emorynlp/emorynlp_{split}_final.csv", root)
 
 
 def read_emorynlp(split: str, root: Path | None = None) -> list[Conversation]:
@@ -63,11 +54,7 @@ def read_emorynlp(split: str, root: Path | None = None) -> list[Conversation]:
     path = emorynlp_path(split, root)
     scenes: dict[tuple[int, int, int], list[Utterance]] = defaultdict(list)
     seen: dict[tuple[int, int, int, int], int] = {}
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise DatasetError(f"{path}: missing columns {missing}")
+    with csv_rows(path, COLUMNS) as reader:
         for row in reader:
             where = f"{path}:{reader.line_num}"
             try:

@@ -7,17 +7,15 @@ Utterance_ID, not the position). The test split is held out and deliberately abs
 
 from __future__ import annotations
 
-import csv
 import re
 from collections import defaultdict
 from pathlib import Path
 
-from tracker.data.paths import DatasetError, data_dir, require_file
+from tracker.data.paths import DatasetError, csv_rows, split_file
 from tracker.data.records import Conversation, Utterance, build_conversation
 from tracker.labels import MELD7, SENTIMENT3
 
 SPLITS = ("train", "dev")
-HELD_OUT = ("test",)
 COLUMNS = ("Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID", "StartTime", "EndTime")
 
 # --- mojibake -----------------------------------------------------------------------------------
@@ -81,14 +79,7 @@ def parse_timestamp(value: str) -> float | None:
 
 
 def meld_path(split: str, root: Path | None = None) -> Path:
-    if split in HELD_OUT:
-        raise DatasetError(
-            f"meld:{split} is held out: it is deliberately absent from the shared data so final "
-            f"figures can be checked independently; tune on meld:train and select/report on meld:dev"
-        )
-    if split not in SPLITS:
-        raise DatasetError(f"unknown MELD split {split!r} (known: {', '.join(SPLITS)})")
-    return require_file((root or data_dir()) / "meld" / f"{split}_sent_emo.csv")
+    return split_file("meld", split, SPLITS, f"meld/{split}_sent_emo.csv", root)
 
 
 def read_meld(split: str, root: Path | None = None) -> list[Conversation]:
@@ -100,11 +91,7 @@ def read_meld(split: str, root: Path | None = None) -> list[Conversation]:
     path = meld_path(split, root)
     by_dialogue: dict[int, list[Utterance]] = defaultdict(list)
     seen: dict[tuple[int, int], int] = {}
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise DatasetError(f"{path}: missing columns {missing}")
+    with csv_rows(path, COLUMNS) as reader:
         for row in reader:
             where = f"{path}:{reader.line_num}"
             try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ENV_VAR = "TRACKER_DATA_DIR"
 
@@ -41,3 +44,26 @@ def require_file(path: Path) -> Path:
             f"(default: shared/data beside the repository checkout)"
         )
     return path
+
+
+def split_file(dataset: str, split: str, splits: tuple[str, ...], relative: str, root: Path | None = None) -> Path:
+    """The CSV of `dataset`'s `split`; a held-out ``test`` split or an unknown one is a clear error."""
+    if split == "test":
+        raise DatasetError(
+            f"{dataset}:{split} is held out: it is deliberately absent from the shared data so final figures can be "
+            f"checked independently; tune on {dataset}:train and select/report on {dataset}:dev"
+        )
+    if split not in splits:
+        raise DatasetError(f"unknown {dataset} split {split!r} (known: {', '.join(splits)})")
+    return require_file((root or data_dir()) / relative)
+
+
+@contextmanager
+def csv_rows(path: Path, columns: tuple[str, ...]) -> Iterator[csv.DictReader]:
+    """A DictReader over `path` after checking it has `columns` (``reader.line_num`` gives line numbers)."""
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        if missing:
+            raise DatasetError(f"{path}: missing columns {missing}")
+        yield reader

@@ -15,10 +15,9 @@ The two byte-identical Actor_07 clips (``03-01-03-01-02-{01,02}-07``) are both i
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-from tracker.data.paths import DatasetError, data_dir, require_file
+from tracker.data.paths import DatasetError, csv_rows, data_dir, require_file
 from tracker.data.records import Conversation, Utterance
 from tracker.labels import RAVDESS8, RAVDESS_TO_MELD
 
@@ -51,11 +50,7 @@ def read_ravdess(split: str | None = None, root: Path | None = None, to_meld: bo
     folder = (root or data_dir()) / "ravdess_16k"
     path = require_file(folder / "labels.csv")
     conversations: list[Conversation] = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise DatasetError(f"{path}: missing columns {missing}")
+    with csv_rows(path, COLUMNS) as reader:
         for row in reader:
             where = f"{path}:{reader.line_num}"
             speaker = row["speaker"].strip()
