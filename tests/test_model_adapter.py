@@ -113,3 +113,17 @@ def test_config_errors_name_the_field():
         load_dataclass(AdapterConfig, {"modalities": [{"name": "audio", "feature_dim": "x"}]})
     with pytest.raises(ConfigError, match="bogus"):
         load_dataclass(AdapterConfig, {"bogus": 1})
+
+
+def test_normalized_pseudo_tokens_take_the_llms_embedding_norm(tiny_backbone):
+    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+    from tracker.model.inputs import UtteranceInput
+
+    rec = EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", adapter=AdapterConfig(normalize_pseudo_tokens=True)))
+    target = tiny_backbone.embed(torch.arange(0, len(tiny_backbone.tokenizer), 7)).norm(dim=-1).mean()
+    assert float(rec.adapter.pseudo_token_norm) == pytest.approx(float(target), rel=1e-5)
+    batch = rec.collate([UtteranceInput("hello there", "A"), UtteranceInput("what?", "B")])
+    with torch.no_grad():
+        pseudo, _ = rec.pseudo_tokens(batch)
+    torch.testing.assert_close(pseudo.norm(dim=-1), torch.full(pseudo.shape[:2], float(target)), rtol=1e-4, atol=1e-4)
+    assert "pseudo_gain" in dict(rec.adapter.named_parameters())

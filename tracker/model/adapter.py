@@ -67,6 +67,10 @@ class AdapterConfig:
     fusion_divisors: list[int] = field(default_factory=lambda: [8, 16, 32])  # MLP widths H/8, H/16, H/32
     mixer_layer_norm: bool = True  # LayerNorm after the Text-Guide-Mixer (paper: yes, official code: no)
     dropout: float = 0.1
+    # Give each pseudo token the typical norm of the LLM's own input embeddings (times a learned gain)
+    # instead of letting the projector choose it; unconstrained pseudo tokens drift to several times
+    # that norm on Gemma.
+    normalize_pseudo_tokens: bool = False
 
     def __post_init__(self) -> None:
         if self.llm_hidden_size < 0:
@@ -192,6 +196,9 @@ class MSEAdapter(nn.Module):
         self.mixer_norm = nn.LayerNorm(d) if config.mixer_layer_norm else nn.Identity()
         self.fusion = MultiScaleFusion(d, H, config.fusion_divisors, config.dropout)
         self.projector = Projector(d, H, config.n_pseudo_tokens, config.expansion)
+        if config.normalize_pseudo_tokens:
+            self.register_buffer("pseudo_token_norm", torch.tensor(1.0))  # set from the LLM's embeddings
+            self.pseudo_gain = nn.Parameter(torch.ones(()))
 
     def set_feature_normalisation(self, modality: str, mean: torch.Tensor, std: torch.Tensor) -> None:
         getattr(self, f"norm_mean_{modality}").copy_(mean)
@@ -239,6 +246,9 @@ class MSEAdapter(nn.Module):
         z = self.mixer_norm(fused)
         z = self.fusion(z)  # (B, d)
         pseudo = self.projector(z)  # (B, n, H)
+        if self.config.normalize_pseudo_tokens:
+            unit = pseudo / pseudo.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+            pseudo = unit * (self.pseudo_token_norm * self.pseudo_gain)
         present_mask = torch.stack(present_cols, dim=1) if present_cols else torch.zeros(t.shape[0], 0, dtype=torch.bool)
         return pseudo, present_mask
 

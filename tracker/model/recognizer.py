@@ -139,6 +139,10 @@ class EmotionRecognizer(nn.Module):
             with torch.no_grad():
                 self.label_head.weight.copy_(rows * config.head_init_scale)  # 1.0: the zero-shot LM-head scoring
                 self.label_head.bias.zero_()
+        if config.adapter.normalize_pseudo_tokens:
+            with torch.no_grad():  # mean norm of the embedding rows the LLM sees (Gemma's include sqrt(H))
+                sample = torch.arange(0, min(50_000, len(backbone.tokenizer)), 7, device=backbone.device)
+                self.adapter.pseudo_token_norm.fill_(float(backbone.embed(sample).float().norm(dim=-1).mean()))
         self.adapter.to(backbone.device)
         if self.label_head is not None:
             self.label_head.to(backbone.device)
