@@ -127,3 +127,18 @@ def test_normalized_pseudo_tokens_take_the_llms_embedding_norm(tiny_backbone):
         pseudo, _ = rec.pseudo_tokens(batch)
     torch.testing.assert_close(pseudo.norm(dim=-1), torch.full(pseudo.shape[:2], float(target)), rtol=1e-4, atol=1e-4)
     assert "pseudo_gain" in dict(rec.adapter.named_parameters())
+
+
+def test_modality_layer_norm_keeps_a_small_modality_audible():
+    """With per-modality LayerNorm, scaling the text encoder's output up leaves the audio's share intact."""
+    torch.manual_seed(0)
+    cfg = AdapterConfig(llm_hidden_size=64, d_model=32, modality_layer_norm=True, dropout=0.0)
+    adapter = MSEAdapter(cfg).eval()
+    text, mask = torch.randn(2, 5, 64), torch.ones(2, 5, dtype=torch.long)
+    audio = collate_modalities([{"audio": torch.randn(20, 25).numpy()}, {"audio": torch.randn(20, 25).numpy() * 3}], ["audio"])
+    with torch.no_grad():
+        before, _ = adapter(text, mask, audio)
+        adapter.text_encoder.out.weight.mul_(100.0)
+        adapter.text_encoder.out.bias.mul_(100.0)
+        after, _ = adapter(text, mask, audio)
+    torch.testing.assert_close(before, after, rtol=1e-3, atol=1e-3)

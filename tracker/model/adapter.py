@@ -71,6 +71,9 @@ class AdapterConfig:
     # instead of letting the projector choose it; unconstrained pseudo tokens drift to several times
     # that norm on Gemma.
     normalize_pseudo_tokens: bool = False
+    # LayerNorm each modality's feature before the mixer, so that one modality (the text LSTM over
+    # large-norm LLM embeddings) cannot drown another (a short audio clip) in the sum.
+    modality_layer_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.llm_hidden_size < 0:
@@ -194,6 +197,8 @@ class MSEAdapter(nn.Module):
             SequenceEncoder(H, config.text_lstm_hidden, d, 1, config.dropout) if config.text_as_modality else None
         )
         self.mixer_norm = nn.LayerNorm(d) if config.mixer_layer_norm else nn.Identity()
+        names = (["text"] if config.text_as_modality else []) + [m.name for m in config.modalities]
+        self.modality_norms = nn.ModuleDict({n: nn.LayerNorm(d) for n in names}) if config.modality_layer_norm else None
         self.fusion = MultiScaleFusion(d, H, config.fusion_divisors, config.dropout)
         self.projector = Projector(d, H, config.n_pseudo_tokens, config.expansion)
         if config.normalize_pseudo_tokens:
@@ -206,6 +211,9 @@ class MSEAdapter(nn.Module):
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def _norm(self, name: str, feature: torch.Tensor) -> torch.Tensor:
+        return self.modality_norms[name](feature) if self.modality_norms is not None else feature
 
     def forward(
         self,
@@ -229,7 +237,7 @@ class MSEAdapter(nn.Module):
         if self.text_encoder is not None:
             text_lengths = text_mask.sum(1).long()
             present = text_lengths > 0
-            f_text = self.text_encoder(x, text_lengths)
+            f_text = self._norm("text", self.text_encoder(x, text_lengths))
             fused = fused + present.unsqueeze(-1).to(dtype) * (f_text * t)
             present_cols.append(present)
         for name, encoder in self.encoders.items():
@@ -240,7 +248,7 @@ class MSEAdapter(nn.Module):
             feats = batch.features.to(dtype)
             feats = (feats - getattr(self, f"norm_mean_{name}")) / getattr(self, f"norm_std_{name}")
             present = batch.present.to(t.device)
-            f_m = encoder(feats, batch.lengths)  # (B, d)
+            f_m = self._norm(name, encoder(feats, batch.lengths))  # (B, d)
             fused = fused + present.unsqueeze(-1).to(dtype) * (f_m * t)
             present_cols.append(present)
         z = self.mixer_norm(fused)
