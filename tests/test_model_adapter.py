@@ -142,3 +142,17 @@ def test_modality_layer_norm_keeps_a_small_modality_audible():
         adapter.text_encoder.out.bias.mul_(100.0)
         after, _ = adapter(text, mask, audio)
     torch.testing.assert_close(before, after, rtol=1e-3, atol=1e-3)
+
+
+def test_frame_pooling_averages_real_frames_only():
+    from tracker.model.adapter import pool_frames
+
+    feats = torch.arange(2 * 7 * 1, dtype=torch.float32).view(2, 7, 1)
+    pooled, lengths = pool_frames(feats, torch.tensor([7, 4]), 3)
+    assert lengths.tolist() == [3, 2]
+    assert pooled[0, :, 0].tolist() == [1.0, 4.0, 6.0]  # (0+1+2)/3, (3+4+5)/3, 6/1
+    assert pooled[1, :2, 0].tolist() == [8.0, 10.0]  # (7+8+9)/3, 10/1 (frames 11-13 are padding)
+    adapter = MSEAdapter(AdapterConfig(llm_hidden_size=64, d_model=32, modalities=[ModalityConfig("audio", 25, frame_pooling=10)])).eval()
+    out, _ = adapter(torch.randn(1, 5, 64), torch.ones(1, 5, dtype=torch.long),
+                     collate_modalities([{"audio": torch.randn(95, 25).numpy()}], ["audio"]))
+    assert out.shape == (1, 8, 64)

@@ -39,6 +39,7 @@ class ModalityConfig:
     feature_dim: int
     lstm_hidden: int = 64  # hidden width of the modality's sequence encoder
     lstm_layers: int = 1
+    frame_pooling: int = 1  # average every k frames before the LSTM (10 ms LLDs -> k x 10 ms steps)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier():
@@ -47,6 +48,8 @@ class ModalityConfig:
             raise ConfigError(f"modalities.{self.name}.feature_dim: must be > 0, got {self.feature_dim}")
         if self.lstm_hidden <= 0 or self.lstm_layers <= 0:
             raise ConfigError(f"modalities.{self.name}.lstm_hidden/lstm_layers: must be > 0")
+        if self.frame_pooling < 1:
+            raise ConfigError(f"modalities.{self.name}.frame_pooling: must be >= 1, got {self.frame_pooling}")
 
 
 def _default_modalities() -> list[ModalityConfig]:
@@ -193,6 +196,7 @@ class MSEAdapter(nn.Module):
         for m in config.modalities:
             self.register_buffer(f"norm_mean_{m.name}", torch.zeros(m.feature_dim))
             self.register_buffer(f"norm_std_{m.name}", torch.ones(m.feature_dim))
+        self.frame_pooling = {m.name: m.frame_pooling for m in config.modalities}
         self.text_encoder = (
             SequenceEncoder(H, config.text_lstm_hidden, d, 1, config.dropout) if config.text_as_modality else None
         )
@@ -248,7 +252,8 @@ class MSEAdapter(nn.Module):
             feats = batch.features.to(dtype)
             feats = (feats - getattr(self, f"norm_mean_{name}")) / getattr(self, f"norm_std_{name}")
             present = batch.present.to(t.device)
-            f_m = self._norm(name, encoder(feats, batch.lengths))  # (B, d)
+            feats, lengths = pool_frames(feats, batch.lengths, self.frame_pooling[name])
+            f_m = self._norm(name, encoder(feats, lengths))  # (B, d)
             fused = fused + present.unsqueeze(-1).to(dtype) * (f_m * t)
             present_cols.append(present)
         z = self.mixer_norm(fused)
@@ -259,6 +264,19 @@ class MSEAdapter(nn.Module):
             pseudo = unit * (self.pseudo_token_norm * self.pseudo_gain)
         present_mask = torch.stack(present_cols, dim=1) if present_cols else torch.zeros(t.shape[0], 0, dtype=torch.bool)
         return pseudo, present_mask
+
+
+def pool_frames(feats: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average non-overlapping groups of k frames: (B, T, F) -> (B, ceil(T/k), F), padding excluded."""
+    if k == 1:
+        return feats, lengths
+    B, T, F = feats.shape
+    steps = -(-T // k)
+    mask = (torch.arange(T, device=feats.device)[None, :] < lengths[:, None].to(feats.device)).to(feats.dtype)  # (B, T)
+    pad = steps * k - T
+    x = torch.nn.functional.pad(feats * mask[..., None], (0, 0, 0, pad)).view(B, steps, k, F).sum(2)
+    n = torch.nn.functional.pad(mask, (0, pad)).view(B, steps, k).sum(2).clamp(min=1.0)
+    return x / n[..., None], -(-lengths // k)
 
 
 def collate_modalities(
