@@ -15,13 +15,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tracker.data import load_dataset
+from tracker.data import labels_read_as, load_dataset
 from tracker.data.records import Conversation
 from tracker.metrics import ClassificationReport, classification_report
-
-
-def _read_as(spec: str, label_set_name: str) -> str:
-    return "meld7" if spec.startswith("ravdess") and label_set_name == "meld7" else ""
 
 
 def replay_in_process(recognizer, conversations: list[Conversation], batch_size: int = 8, extractor=None) -> list[dict[str, Any]]:
@@ -124,7 +120,7 @@ def run_replay(data: str, checkpoint: str | None, through: str | None, speed: fl
         from tracker.model.checkpoint import read_config
 
         label_set = LabelSet.from_dict(read_config(ckpt)["label_set"])
-    conversations = load_dataset(data, label_set=_read_as(data, label_set.name) or None)
+    conversations = load_dataset(data, label_set=labels_read_as(data, label_set.name) or None)
     if limit:
         conversations = conversations[:limit]
     if through:

@@ -47,10 +47,13 @@ class ServePipeline:
         existing = await self.context.final_record.remote(conversation_id, job["utterance_id"])
         if existing is not None:  # a retried utterance: answer with what is stored, label nothing again
             return existing
-        feats = None
-        if job.get("pcm"):
-            feats = await self.features.extract.remote(job["pcm"], job["sample_rate"])
-        context = await self.context.context.remote(conversation_id, self.context_turns) if self.context_turns else []
+        async def features():
+            return await self.features.extract.remote(job["pcm"], job["sample_rate"]) if job.get("pcm") else None
+
+        async def context():
+            return await self.context.context.remote(conversation_id, self.context_turns) if self.context_turns else []
+
+        feats, context = await asyncio.gather(features(), context())  # independent: one round trip, not two
         pred = await self.model.label.remote({"text": job["text"], "speaker": job["speaker"], "context": context,
                                               "audio_features": feats})
         record = {

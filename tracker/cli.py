@@ -75,7 +75,6 @@ def _configure_train(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the adapter (frozen LLM); resumes from the run's last checkpoint unless --no-resume."""
     from tracker.training.config import TrainConfig
-
     from tracker.training.trainer import Trainer
 
     config = TrainConfig.from_yaml(args.config)
@@ -102,8 +101,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Accuracy, weighted F1, per-class P/R/F1 and the confusion matrix of a checkpoint on labelled data."""
     import json
 
-    from tracker.model.recognizer import EmotionRecognizer
+    from tracker.data import labels_read_as
     from tracker.model.default import default_checkpoint
+    from tracker.model.recognizer import EmotionRecognizer
     from tracker.training.evaluate import evaluate
     from tracker.training.examples import load_examples
 
@@ -111,9 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rec = EmotionRecognizer.from_pretrained(checkpoint)
     out = {"checkpoint": str(checkpoint), "reports": {}}
     for spec in args.data:
-        read_as = args.read_as
-        if not read_as and spec.startswith("ravdess") and rec.label_set.name == "meld7":
-            read_as = "meld7"
+        read_as = args.read_as or labels_read_as(spec, rec.label_set.name)
         examples = load_examples(spec, rec.label_set, rec.config.prompt.context_turns, read_as, args.limit)
         report, _ = evaluate(rec, examples, batch_size=args.batch_size)
         print(f"== {spec} ({checkpoint})")

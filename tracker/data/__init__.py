@@ -61,6 +61,11 @@ def dataset_label_set(spec: str) -> LabelSet | None:
     return LABEL_SETS.get(name)
 
 
+def labels_read_as(spec: str, model_label_set: str) -> str:
+    """How to read `spec`'s labels for a model over `model_label_set`: RAVDESS folds into meld7."""
+    return "meld7" if model_label_set == "meld7" and not _is_jsonl_spec(spec) and parse_spec(spec)[0] == "ravdess" else ""
+
+
 def load_dataset(spec: str, root: str | Path | None = None, label_set: LabelSet | str | None = None) -> list[Conversation]:
     """The conversations of ``spec``: ``meld:train``, ``meld:dev``, ``emorynlp:train``, ``emorynlp:dev``,
     ``ravdess:train``, ``ravdess:dev`` or a path to a ``.jsonl`` file.
@@ -88,7 +93,7 @@ def load_dataset(spec: str, root: str | Path | None = None, label_set: LabelSet 
 
 __all__ = [
     "Conversation", "Utterance", "to_inputs", "iter_examples", "count_utterances",
-    "load_dataset", "parse_spec", "dataset_label_set", "data_dir", "DatasetError", "ENV_VAR",
+    "load_dataset", "labels_read_as", "parse_spec", "dataset_label_set", "data_dir", "DatasetError", "ENV_VAR",
     "read_meld", "read_emorynlp", "read_ravdess", "ravdess_split", "fix_mojibake",
     "read_jsonl", "write_jsonl", "validate_jsonl", "ValidationError", "JsonlFormatError",
 ]
