@@ -20,17 +20,18 @@ from tracker.data.records import Conversation
 from tracker.metrics import ClassificationReport, classification_report
 
 
-def replay_in_process(recognizer, conversations: list[Conversation], batch_size: int = 8, extractor=None) -> list[dict[str, Any]]:
-    """Label every utterance with its past context; one prediction record per utterance, in order."""
+def replay_in_process(recognizer, conversations: list[Conversation], batch_size: int = 8, features=None) -> list[dict[str, Any]]:
+    """Label every utterance with its past context; one prediction record per utterance, in order.
+
+    `features` (a tracker.audio.modalities.ModalityFeatures) computes the acoustic inputs; None = text only.
+    """
     from tracker.data.records import iter_examples
     from tracker.model.inputs import UtteranceInput
 
     pairs = list(iter_examples(conversations, k=recognizer.config.prompt.context_turns))
     items = []
     for utt, ctx in pairs:
-        feats = {}
-        if extractor is not None and utt.audio_path and "audio" in recognizer.modality_names:
-            feats["audio"] = extractor.process_file(utt.audio_path, utt.start_s, utt.end_s)
+        feats = features.from_file(utt.audio_path, utt.start_s, utt.end_s) if features is not None and utt.audio_path else {}
         items.append(UtteranceInput(utt.text, utt.speaker, tuple(ctx), feats))
     preds = recognizer.predict(items, batch_size=batch_size)
     return [_record(utt, p.label, p.probabilities) for (utt, _), p in zip(pairs, preds)]
@@ -128,9 +129,9 @@ def run_replay(data: str, checkpoint: str | None, through: str | None, speed: fl
         url = url if url.endswith("/v1/stream") else url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
         records = replay_through_service(url, conversations, speed)
     else:
-        from tracker.audio.features import FeatureExtractor
+        from tracker.audio.modalities import ModalityFeatures
 
-        records = replay_in_process(recognizer, conversations, batch_size, FeatureExtractor())
+        records = replay_in_process(recognizer, conversations, batch_size, ModalityFeatures(recognizer.config.adapter.modalities))
     out_path = out_path or f"predictions-{data.replace(':', '_').replace('/', '_')}.jsonl"
     with open(out_path, "w", encoding="utf-8") as fh:
         for r in records:

@@ -21,19 +21,32 @@ log = logging.getLogger(__name__)
 
 @serve.deployment
 class FeatureExtractor:
-    """PCM16 utterance audio -> eGeMAPSv02 low-level descriptors (frames, 25)."""
+    """PCM16 utterance audio -> the acoustic modalities the served model reads, e.g.
+    {"audio": eGeMAPSv02 LLDs (frames, 25), "audio_functionals": (1, 88)}."""
 
     def __init__(self, args: dict[str, Any]):
-        from tracker.audio.features import FeatureExtractor as Extractor
+        from tracker.audio.modalities import ModalityFeatures
 
         self.config = load_app_config(args)
-        self.extractor = Extractor(self.config.features)
+        self.features = ModalityFeatures(served_modalities(self.config), base=self.config.features)
 
-    async def extract(self, pcm: bytes, sample_rate: int) -> np.ndarray:
+    async def extract(self, pcm: bytes, sample_rate: int) -> dict[str, np.ndarray] | None:
         from tracker.audio.pcm import pcm16_to_numpy
 
+        if not self.features.names:
+            return None
         samples = pcm16_to_numpy(pcm)
-        return await asyncio.to_thread(self.extractor.process_signal, samples, sample_rate)
+        return await asyncio.to_thread(self.features.from_signal, samples, sample_rate)
+
+
+def served_modalities(config: AppConfig) -> dict[str, str]:
+    """{modality name: feature source} of the checkpoint the config serves (read from its config.json)."""
+    from tracker.model.checkpoint import read_config
+    from tracker.model.default import default_checkpoint
+
+    path = default_checkpoint() if config.model.checkpoint == "default" else config.model.checkpoint
+    adapter = read_config(path)["recognizer"].get("adapter", {})
+    return {m["name"]: m.get("source", "egemaps_lld") for m in adapter.get("modalities", [])}
 
 
 def load_serving_recognizer(config: AppConfig):
@@ -86,9 +99,7 @@ class EmotionModel:
 
         inputs = []
         for it in items:
-            features = {}
-            if it.get("audio_features") is not None:
-                features["audio"] = it["audio_features"]
+            features = dict(it.get("audio_features") or {})  # {modality: (frames, F)} from FeatureExtractor
             context = tuple(Turn(s, t) for s, t in it.get("context", ()))
             inputs.append(UtteranceInput(it.get("text", ""), it.get("speaker", "Speaker"), context, features))
         probs = self.recognizer.predict_proba(inputs, batch_size=len(inputs))

@@ -167,3 +167,20 @@ def test_config_validation_and_default_cache_dir(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("TRACKER_CACHE_DIR", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c" / "features"
     assert FeatureExtractor().cache_dir == tmp_path / "c" / "features"
+
+
+def test_modality_features_compute_each_named_source_for_file_and_signal(ravdess_file: Path, tmp_path: Path):
+    from tracker.audio.modalities import ModalityFeatures
+
+    base = FeatureExtractorConfig(cache_dir=str(tmp_path / "features"))
+    mf = ModalityFeatures({"audio": "egemaps_lld", "audio_functionals": "egemaps_functionals", "again": "egemaps_lld"}, base=base)
+    out = mf.from_file(ravdess_file)
+    assert set(out) == {"audio", "audio_functionals", "again"}
+    assert out["audio"].shape[1] == 25 and out["audio"].shape[0] > 100
+    assert out["audio_functionals"].shape == (1, 88)
+    np.testing.assert_array_equal(out["audio"], out["again"])  # one extraction per source, shared
+    signal, rate = sf.read(ravdess_file, dtype="float32")
+    live = mf.from_signal(signal, rate)
+    np.testing.assert_allclose(live["audio_functionals"], out["audio_functionals"], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown source 'mfcc'"):
+        ModalityFeatures({"x": "mfcc"})

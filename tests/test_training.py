@@ -136,3 +136,63 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, tiny_ba
     for (k, a), (_, b) in zip(src.trainable_state_dict().items(), rec.trainable_state_dict().items()):
         if "norm_" not in k:  # the feature statistics are refitted on this run's data
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _two_acoustic_modalities(aux_classes: int = 7) -> dict:
+    return {"d_model": 32, "n_pseudo_tokens": 4, "aux_classes": aux_classes, "modalities": [
+        {"name": "audio", "feature_dim": 25, "lstm_hidden": 16, "frame_pooling": 4},
+        {"name": "audio_functionals", "feature_dim": 88, "lstm_hidden": 16, "source": "egemaps_functionals"}]}
+
+
+def test_encoder_warm_up_and_aux_loss_teach_the_acoustic_encoders(tmp_path, tiny_backbone, data_dir):
+    model = {"backbone": "tiny", "dtype": "fp32", "adapter": _two_acoustic_modalities()}
+    cfg = tiny_config(tmp_path, model=model, train=[{"spec": "ravdess:train", "label_set": "meld7", "limit": 48}],
+                      dev=[], encoder_warmup_epochs=12, encoder_warmup_lr=0.01, aux_loss_weight=0.5, max_steps=3)
+    torch.manual_seed(0)
+    rec = EmotionRecognizer(tiny_backbone, cfg.model)
+    events: list[tuple[str, dict]] = []
+    trainer = Trainer(cfg, recognizer=rec, progress=False, hooks=[lambda ev, info: events.append((ev, info))])
+    trainer.fit()
+    warm = [info["loss"] for ev, info in events if ev == "encoder_warmup"]
+    assert len(warm) == 12 and warm[-1] < 0.5 * warm[0]
+    exs = trainer.train_examples
+    assert all(set(ex.item.features) == {"audio", "audio_functionals"} for ex in exs)
+    assert exs[0].item.features["audio_functionals"].shape == (1, 88)
+    # after warm-up the auxiliary classifiers fit their training clips far above chance (1/7)
+    rec.eval()
+    batch = rec.collate([ex.item for ex in exs])
+    with torch.no_grad():
+        aux = rec.adapter.aux_logits(batch.modalities)
+    labels = torch.tensor([ex.label for ex in exs])
+    for name, (logits, present) in aux.items():
+        assert bool(present.all())
+        assert (logits.argmax(-1) == labels).float().mean() > 0.6, name
+    # the saved checkpoint round-trips the new modality and the auxiliary heads
+    rec.save_pretrained(tmp_path / "ck")
+    loaded = EmotionRecognizer.from_pretrained(tmp_path / "ck", backbone=tiny_backbone)
+    torch.testing.assert_close(loaded.adapter.aux_heads["audio_functionals"].weight, rec.adapter.aux_heads["audio_functionals"].weight)
+
+
+def test_aux_options_are_validated_naming_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="aux_classes"):
+        tiny_config(tmp_path, aux_loss_weight=0.5)
+    with pytest.raises(ConfigError, match="source"):
+        tiny_config(tmp_path, model={"backbone": "tiny", "adapter": {"modalities": [{"name": "a", "feature_dim": 3, "source": "mfcc"}]}})
+    with pytest.raises(ConfigError, match="select_on"):
+        tiny_config(tmp_path, select_on="best")
+
+
+def test_init_from_an_older_architecture_keeps_matching_tensors_and_starts_new_ones_fresh(tmp_path, tiny_backbone, data_dir):
+    torch.manual_seed(0)
+    old = EmotionRecognizer(tiny_backbone, tiny_config(tmp_path).model)  # audio LLDs only, no aux heads
+    old.save_pretrained(tmp_path / "old")
+    model = {"backbone": "tiny", "dtype": "fp32", "adapter": {**_two_acoustic_modalities(), "modalities": [
+        {"name": "audio", "feature_dim": 25, "lstm_hidden": 64},
+        {"name": "audio_functionals", "feature_dim": 88, "lstm_hidden": 16, "source": "egemaps_functionals"}]}}
+    new = EmotionRecognizer(tiny_backbone, load_dataclass(TrainConfig, {"model": model}).model)
+    missing = new.load_trainable_state_dict(old.trainable_state_dict(), strict=False)
+    assert "adapter.encoders.audio_functionals.out.weight" in missing and "adapter.aux_heads.audio.weight" in missing
+    assert "adapter.encoders.audio.lstm.weight_ih_l0" not in missing
+    torch.testing.assert_close(new.adapter.encoders["audio"].lstm.weight_ih_l0, old.adapter.encoders["audio"].lstm.weight_ih_l0)
+    with pytest.raises(RuntimeError):
+        new.load_trainable_state_dict(old.trainable_state_dict())  # strict by default

@@ -40,8 +40,15 @@ class ModalityConfig:
     lstm_hidden: int = 64  # hidden width of the modality's sequence encoder
     lstm_layers: int = 1
     frame_pooling: int = 1  # average every k frames before the LSTM (10 ms LLDs -> k x 10 ms steps)
+    # where the features come from (tracker.audio.modalities): egemaps_lld (frames, 25) every 10 ms,
+    # or egemaps_functionals (1, 88) per clip
+    source: str = "egemaps_lld"
 
     def __post_init__(self) -> None:
+        from tracker.audio.modalities import SOURCES
+
+        if self.source not in SOURCES:
+            raise ConfigError(f"modalities.{self.name}.source: must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if not self.name or not self.name.isidentifier():
             raise ConfigError(f"modalities.name: must be an identifier, got {self.name!r}")
         if self.feature_dim <= 0:
@@ -77,6 +84,9 @@ class AdapterConfig:
     # LayerNorm each modality's feature before the mixer, so that one modality (the text LSTM over
     # large-norm LLM embeddings) cannot drown another (a short audio clip) in the sum.
     modality_layer_norm: bool = False
+    # > 0: a linear classifier over this many classes on each non-text modality's encoded feature,
+    # for an auxiliary loss (and a warm-up of the encoders without the LLM); 0 = none.
+    aux_classes: int = 0
 
     def __post_init__(self) -> None:
         if self.llm_hidden_size < 0:
@@ -88,6 +98,8 @@ class AdapterConfig:
             raise ConfigError(f"n_pseudo_tokens: must be >= 0, got {self.n_pseudo_tokens}")
         if self.expansion not in ("scalar", "per_token"):
             raise ConfigError(f"expansion: must be 'scalar' or 'per_token', got {self.expansion!r}")
+        if self.aux_classes < 0:
+            raise ConfigError(f"aux_classes: must be >= 0 (0 = no auxiliary classifier), got {self.aux_classes}")
         H = self.llm_hidden_size or 10**9  # unknown yet: checked again once H is set
         if not self.fusion_divisors or any(k <= 0 or H // k < 1 for k in self.fusion_divisors):
             raise ConfigError(f"fusion_divisors: each must divide H={self.llm_hidden_size} to >= 1, got {self.fusion_divisors}")
@@ -208,6 +220,9 @@ class MSEAdapter(nn.Module):
         if config.normalize_pseudo_tokens:
             self.register_buffer("pseudo_token_norm", torch.tensor(1.0))  # set from the LLM's embeddings
             self.pseudo_gain = nn.Parameter(torch.ones(()))
+        self.aux_heads = (
+            nn.ModuleDict({m.name: nn.Linear(d, config.aux_classes) for m in config.modalities}) if config.aux_classes else None
+        )
 
     def set_feature_normalisation(self, modality: str, mean: torch.Tensor, std: torch.Tensor) -> None:
         getattr(self, f"norm_mean_{modality}").copy_(mean)
@@ -219,6 +234,30 @@ class MSEAdapter(nn.Module):
     def _norm(self, name: str, feature: torch.Tensor) -> torch.Tensor:
         return self.modality_norms[name](feature) if self.modality_norms is not None else feature
 
+    def encode_modalities(self, modalities: Mapping[str, ModalityBatch]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each given non-text modality's encoded feature (B, d) and its present mask (B,)."""
+        unknown = set(modalities) - set(self.encoders)
+        if unknown:
+            raise ValueError(f"adapter got modalities {sorted(unknown)} it was not built for ({sorted(self.encoders)})")
+        dtype = self.text_proj.weight.dtype
+        out = {}
+        for name, batch in modalities.items():
+            feats = batch.features.to(dtype)
+            feats = (feats - getattr(self, f"norm_mean_{name}")) / getattr(self, f"norm_std_{name}")
+            feats, lengths = pool_frames(feats, batch.lengths, self.frame_pooling[name])
+            out[name] = (self.encoders[name](feats, lengths), batch.present.to(feats.device))  # (B, d), (B,)
+        return out
+
+    def aux_logits(self, modalities: Mapping[str, ModalityBatch]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The auxiliary classifiers' logits (B, aux_classes) and present masks (B,), per given modality.
+
+        They read the same encoded features the mixer does, so an auxiliary loss on them teaches the
+        acoustic encoders to separate emotions even while the path through the LLM is still weak.
+        """
+        if self.aux_heads is None:
+            raise ValueError("aux_logits: this adapter has no auxiliary classifier (aux_classes is 0)")
+        return {name: (self.aux_heads[name](f), present) for name, (f, present) in self.encode_modalities(modalities).items()}
+
     def forward(
         self,
         text_embeds: torch.Tensor,  # (B, U, H) frozen input embeddings of the utterance tokens
@@ -227,9 +266,6 @@ class MSEAdapter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the pseudo tokens (B, n, H) and which modalities were present (B, M)."""
         modalities = modalities or {}
-        unknown = set(modalities) - set(self.encoders)
-        if unknown:
-            raise ValueError(f"adapter got modalities {sorted(unknown)} it was not built for ({sorted(self.encoders)})")
         dtype = self.text_proj.weight.dtype
         x = text_embeds.to(dtype)
         mask = text_mask.to(dtype).unsqueeze(-1)  # (B, U, 1)
@@ -244,17 +280,13 @@ class MSEAdapter(nn.Module):
             f_text = self._norm("text", self.text_encoder(x, text_lengths))
             fused = fused + present.unsqueeze(-1).to(dtype) * (f_text * t)
             present_cols.append(present)
-        for name, encoder in self.encoders.items():
-            batch = modalities.get(name)
-            if batch is None:
+        encoded = self.encode_modalities(modalities)
+        for name in self.encoders:
+            if name not in encoded:
                 present_cols.append(torch.zeros(t.shape[0], dtype=torch.bool, device=t.device))
                 continue
-            feats = batch.features.to(dtype)
-            feats = (feats - getattr(self, f"norm_mean_{name}")) / getattr(self, f"norm_std_{name}")
-            present = batch.present.to(t.device)
-            feats, lengths = pool_frames(feats, batch.lengths, self.frame_pooling[name])
-            f_m = self._norm(name, encoder(feats, lengths))  # (B, d)
-            fused = fused + present.unsqueeze(-1).to(dtype) * (f_m * t)
+            f_m, present = encoded[name]
+            fused = fused + present.unsqueeze(-1).to(dtype) * (self._norm(name, f_m) * t)
             present_cols.append(present)
         z = self.mixer_norm(fused)
         z = self.fusion(z)  # (B, d)

@@ -200,10 +200,23 @@ class EmotionRecognizer(nn.Module):
             state.update({f"label_head.{k}": v for k, v in self.label_head.state_dict().items()})
         return state
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+        """Load adapter (and head) weights; returns the names left at their initial values.
+
+        ``strict=False`` (warm-starting a changed architecture, e.g. a new modality) loads every
+        tensor whose name and shape match and skips the rest.
+        """
+        if not strict:
+            own = self.trainable_state_dict()
+            kept = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+            missing = sorted(set(own) - set(kept))
+            state = {**own, **kept}
+        else:
+            missing = []
         self.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items() if k.startswith("adapter.")})
         if self.label_head is not None:
             self.label_head.load_state_dict({k[len("label_head."):]: v for k, v in state.items() if k.startswith("label_head.")})
+        return missing
 
     # ------------------------------------------------------------------ batching
     def encode(self, item: UtteranceInput) -> EncodedPrompt:

@@ -35,7 +35,10 @@ class TrainConfig:
     init_from: str = ""  # start from this checkpoint's weights when the run has no resumable state
     model: RecognizerConfig = field(default_factory=RecognizerConfig)
     train: list[DataSource] = field(default_factory=lambda: [DataSource("meld:train")])
-    dev: list[DataSource] = field(default_factory=lambda: [DataSource("meld:dev")])  # the first selects the best
+    dev: list[DataSource] = field(default_factory=lambda: [DataSource("meld:dev")])
+    # which dev figure picks the best checkpoint and drives early stopping: the first dev set's
+    # weighted F1 ("first"), or the mean weighted F1 over all dev sets ("mean")
+    select_on: Literal["first", "mean"] = "first"
     epochs: float = 3.0
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit)
     batch_size: int = 8
@@ -51,6 +54,13 @@ class TrainConfig:
     autocast_bf16: bool = True  # bf16 autocast where supported
     num_threads: int = 0  # torch threads (0 = torch's default)
     dev_limit: int = 0  # evaluate on the first N dev utterances only (0 = all)
+    # Auxiliary loss on the adapter's per-modality classifiers (needs model.adapter.aux_classes = the
+    # label set's size): loss = CE(LLM answer) + aux_loss_weight * CE(acoustic encoders alone).
+    aux_loss_weight: float = 0.0
+    # Before the main loop of a fresh run, train only the acoustic encoders and their auxiliary
+    # classifiers (no LLM, seconds per epoch) for this many epochs over the examples with audio.
+    encoder_warmup_epochs: int = 0
+    encoder_warmup_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -64,8 +74,17 @@ class TrainConfig:
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio: must lie in [0, 1), got {self.warmup_ratio}")
+        if self.select_on not in ("first", "mean"):
+            raise ConfigError(f"select_on: must be first or mean, got {self.select_on!r}")
         if self.class_weighting not in ("none", "inverse_sqrt", "inverse"):
             raise ConfigError(f"class_weighting: must be none, inverse_sqrt or inverse, got {self.class_weighting!r}")
+        if self.aux_loss_weight < 0:
+            raise ConfigError(f"aux_loss_weight: must be >= 0, got {self.aux_loss_weight}")
+        if self.encoder_warmup_epochs < 0:
+            raise ConfigError(f"encoder_warmup_epochs: must be >= 0, got {self.encoder_warmup_epochs}")
+        if (self.aux_loss_weight > 0 or self.encoder_warmup_epochs > 0) and self.model.adapter.aux_classes == 0:
+            raise ConfigError("aux_loss_weight/encoder_warmup_epochs: need model.adapter.aux_classes > 0 "
+                              "(the auxiliary classifiers they train)")
         if self.checkpoint_minutes <= 0:
             raise ConfigError(f"checkpoint_minutes: must be > 0, got {self.checkpoint_minutes}")
 

@@ -27,36 +27,39 @@ def examples_from_conversations(
     conversations: list[Conversation],
     label_set: LabelSet,
     context_turns: int,
-    extractor=None,
+    features=None,
     source: str = "",
 ) -> list[Example]:
-    """One example per labelled utterance; audio features (cached on disk) when an extractor is given."""
+    """One example per labelled utterance; acoustic features (cached on disk) when `features` is given.
+
+    `features` is a :class:`tracker.audio.modalities.ModalityFeatures` naming the modalities to compute.
+    """
     out: list[Example] = []
     pairs = list(iter_examples(conversations, k=context_turns))
-    with_audio = extractor is not None and any(u.audio_path for u, _ in pairs)
+    with_audio = features is not None and bool(features.names) and any(u.audio_path for u, _ in pairs)
     for utt, context in tqdm(pairs, desc=f"features {source}", disable=not with_audio, leave=False):
         if utt.label is None:
             continue
         if utt.label not in label_set.labels:
             raise ValueError(f"{source}: utterance {utt.utterance_id} has label {utt.label!r}, not in {label_set.name}")
-        features = {}
-        if with_audio and utt.audio_path:
-            features["audio"] = extractor.process_file(utt.audio_path, utt.start_s, utt.end_s)
-        item = UtteranceInput(text=utt.text, speaker=utt.speaker, context=tuple(context), features=features)
+        feats = features.from_file(utt.audio_path, utt.start_s, utt.end_s) if with_audio and utt.audio_path else {}
+        item = UtteranceInput(text=utt.text, speaker=utt.speaker, context=tuple(context), features=feats)
         out.append(Example(utt.utterance_id, item, label_set.index(utt.label)))
     return out
 
 
 def load_examples(spec: str, label_set: LabelSet, context_turns: int, read_as: str = "", limit: int = 0,
-                  audio: bool = True, extractor=None) -> list[Example]:
+                  audio: bool = True, modalities=None) -> list[Example]:
+    """Examples of a dataset spec; `modalities` (ModalityConfig list) says which acoustic features to compute."""
     conversations = load_dataset(spec, label_set=read_as or None)
     if limit:
         conversations = conversations[:limit]
-    if audio and extractor is None and any(u.audio_path for c in conversations for u in c):
-        from tracker.audio.features import FeatureExtractor
+    features = None
+    if audio and modalities and any(u.audio_path for c in conversations for u in c):
+        from tracker.audio.modalities import ModalityFeatures
 
-        extractor = FeatureExtractor()
-    return examples_from_conversations(conversations, label_set, context_turns, extractor if audio else None, spec)
+        features = ModalityFeatures(modalities)
+    return examples_from_conversations(conversations, label_set, context_turns, features, spec)
 
 
 def feature_statistics(examples: list[Example], modality: str = "audio") -> tuple[np.ndarray, np.ndarray] | None:

@@ -35,6 +35,7 @@ from tracker.model.recognizer import EmotionRecognizer
 from tracker.training import state as state_io
 from tracker.training.config import TrainConfig
 from tracker.training.evaluate import evaluate
+from tracker.model.adapter import collate_modalities
 from tracker.training.examples import Example, class_weights, feature_statistics, load_examples
 
 log = logging.getLogger(__name__)
@@ -90,23 +91,75 @@ class Trainer:
         rec, cfg = self.recognizer, self.config
         k = rec.config.prompt.context_turns
         for src in cfg.train:
-            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio)
+            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, rec.config.adapter.modalities)
             self.train_examples += exs * src.repeat
             log.info("train %s: %d examples (x%d)", src.spec, len(exs), src.repeat)
         for src in cfg.dev:
-            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio)
+            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, rec.config.adapter.modalities)
             self.dev_sets[src.spec] = exs[: cfg.dev_limit] if cfg.dev_limit else exs
         if not self.train_examples:
             raise ValueError("no labelled training examples")
-        for m in rec.config.adapter.modalities:
-            stats = feature_statistics(self.train_examples, m.name)
-            if stats is not None:
-                rec.adapter.set_feature_normalisation(m.name, torch.tensor(stats[0]), torch.tensor(stats[1]))
+        aux = rec.config.adapter.aux_classes
+        if aux and aux != len(rec.label_set):
+            raise ValueError(f"model.adapter.aux_classes is {aux}, but the label set {rec.label_set.name} has "
+                             f"{len(rec.label_set)} labels; the auxiliary classifiers predict the same labels")
+        self._refit_feature_normalisation()
         self.encoded = [rec.encode(ex.item) for ex in self.train_examples]
         labels = [ex.label for ex in self.train_examples]
         self.loss_weights = torch.tensor(class_weights(labels, len(rec.label_set), cfg.class_weighting), dtype=torch.float32)
 
     # ------------------------------------------------------------------ helpers
+    def _refit_feature_normalisation(self) -> None:
+        for m in self.recognizer.config.adapter.modalities:
+            stats = feature_statistics(self.train_examples, m.name)
+            if stats is not None:
+                self.recognizer.adapter.set_feature_normalisation(m.name, torch.tensor(stats[0]), torch.tensor(stats[1]))
+
+    def _aux_loss(self, modalities, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Mean over modalities of the auxiliary classifiers' cross-entropy on the rows that have them."""
+        losses = []
+        for logits, present in self.recognizer.adapter.aux_logits(modalities).values():
+            if present.any():
+                losses.append(torch.nn.functional.cross_entropy(logits[present].float(), labels[present], weight=weights))
+        return torch.stack(losses).mean() if losses else torch.zeros((), device=labels.device)
+
+    def warm_up_encoders(self) -> dict[str, float]:
+        """Train the acoustic encoders and their auxiliary classifiers alone (no LLM) on the examples with audio.
+
+        A few seconds per epoch, against minutes through the LLM; afterwards the encoders already
+        separate emotions, and the main loop has to teach the LLM path to read them.
+        """
+        cfg, rec = self.config, self.recognizer
+        idx = [i for i, ex in enumerate(self.train_examples) if ex.item.features]
+        if not idx:
+            log.info("encoder warm-up: no training example has audio; skipped")
+            return {}
+        adapter = rec.adapter
+        params = [p for n, p in adapter.named_parameters() if n.startswith(("encoders.", "aux_heads."))]
+        opt = torch.optim.AdamW(params, lr=cfg.encoder_warmup_lr, weight_decay=cfg.weight_decay)
+        weights = self.loss_weights.to(rec.backbone.device)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        bs = max(cfg.batch_size, 16)
+        adapter.train()
+        loss_sum, n = 0.0, 0
+        for epoch in range(cfg.encoder_warmup_epochs):
+            order = [idx[int(j)] for j in torch.randperm(len(idx), generator=gen)]
+            loss_sum, n = 0.0, 0
+            for start in range(0, len(order), bs):
+                chunk = order[start : start + bs]
+                mods = collate_modalities([self.train_examples[i].item.features for i in chunk], rec.modality_names,
+                                          rec.backbone.device)
+                labels = torch.tensor([self.train_examples[i].label for i in chunk], device=rec.backbone.device)
+                loss = self._aux_loss(mods, labels, weights)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum, n = loss_sum + loss.item() * len(chunk), n + len(chunk)
+            self._emit("encoder_warmup", {"epoch": epoch + 1, "loss": loss_sum / max(1, n)})
+        log.info("encoder warm-up: %d epochs over %d examples with audio, last loss %.3f",
+                 cfg.encoder_warmup_epochs, len(idx), loss_sum / max(1, n))
+        return {"loss": loss_sum / max(1, n), "examples": len(idx)}
+
     def _emit(self, event: str, info: dict[str, Any]) -> None:
         for hook in self.hooks:
             hook(event, info)
@@ -121,8 +174,11 @@ class Trainer:
         for spec, exs in self.dev_sets.items():
             report, _ = evaluate(self.recognizer, exs, batch_size=self.config.batch_size)
             reports[spec] = report
-        first = next(iter(reports.values()), None)
-        return (first.weighted_f1 if first else 0.0), reports
+        if not reports:
+            return 0.0, reports
+        if self.config.select_on == "mean":
+            return sum(r.weighted_f1 for r in reports.values()) / len(reports), reports
+        return next(iter(reports.values())).weighted_f1, reports
 
     def _save_last(self, optimizer, scalars: dict[str, Any]) -> None:
         last = self.run_dir / "last"
@@ -155,10 +211,14 @@ class Trainer:
             s.update(state_io.load_state(last, optimizer))
             log.info("resumed from %s at step %d", last, s["global_step"])
             self._emit("resume", {"step": s["global_step"]})
-        elif cfg.init_from:
-            start = EmotionRecognizer.from_pretrained(cfg.init_from, backbone=rec.backbone)
-            rec.load_trainable_state_dict(start.trainable_state_dict())
-            log.info("initialised from %s", cfg.init_from)
+        else:
+            if cfg.init_from:
+                start = EmotionRecognizer.from_pretrained(cfg.init_from, backbone=rec.backbone)
+                fresh = rec.load_trainable_state_dict(start.trainable_state_dict(), strict=False)
+                log.info("initialised from %s (%d tensors new: %s)", cfg.init_from, len(fresh), ", ".join(fresh[:8]))
+                self._refit_feature_normalisation()  # the new run's data, not the old checkpoint's
+            if cfg.encoder_warmup_epochs:
+                self.warm_up_encoders()
         weights = self.loss_weights.to(rec.backbone.device)
         last_save = time.time()
         ema_loss = None
@@ -176,6 +236,8 @@ class Trainer:
                 with self._autocast():
                     logits = rec(batch)
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights)
+                if cfg.aux_loss_weight > 0 and batch.modalities:
+                    loss = loss + cfg.aux_loss_weight * self._aux_loss(batch.modalities, labels, weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
