@@ -68,6 +68,9 @@ command("info", "show the backbone, the adapter's parameter count and the cache"
 
 def _configure_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="a training YAML (configs/train/*.yaml)")
+    p.add_argument("--ray", action="store_true",
+                   help="run through Ray Train (TorchTrainer; workers from the YAML's `ray:` section; "
+                        "joins the cluster at RAY_ADDRESS, e.g. under `ray job submit`, else starts a local one)")
     p.add_argument("--run-dir", default=None, help="where the run writes (default: output_dir/name from the config)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if the run directory has a checkpoint")
 
@@ -78,7 +81,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tracker.training.trainer import Trainer
 
     config = TrainConfig.from_yaml(args.config)
-    result = Trainer(config, run_dir=args.run_dir).fit(resume=not args.no_resume)
+    if args.ray:
+        from services.ray_train import train_with_ray
+
+        result = train_with_ray(config, run_dir=args.run_dir, resume=not args.no_resume)
+    else:
+        result = Trainer(config, run_dir=args.run_dir).fit(resume=not args.no_resume)
     for spec, rep in result.get("dev", {}).items():
         print(f"{spec}: accuracy {100 * rep['accuracy']:.2f}  weighted F1 {100 * rep['weighted_f1']:.2f}")
     return 0

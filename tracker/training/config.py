@@ -27,6 +27,22 @@ class DataSource:
 
 
 @dataclass
+class RayScaling:
+    """How `tracker train --ray` spreads the job over a Ray cluster (Ray Train's ScalingConfig)."""
+
+    num_workers: int = 1  # data-parallel workers; gradients are averaged across them every step
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0
+    storage_path: str = ""  # where Ray Train keeps the run's results ("" = Ray's default, ~/ray_results)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"ray.num_workers: must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"ray.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
 class TrainConfig:
     """Adapter-only training of a recognizer on a frozen LLM."""
 
@@ -61,6 +77,7 @@ class TrainConfig:
     # classifiers (no LLM, seconds per epoch) for this many epochs over the examples with audio.
     encoder_warmup_epochs: int = 0
     encoder_warmup_lr: float = 1e-3
+    ray: RayScaling = field(default_factory=RayScaling)  # used by `tracker train --ray` only
 
     def __post_init__(self) -> None:
         if not self.train:

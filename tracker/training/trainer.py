@@ -36,6 +36,8 @@ from tracker.training import state as state_io
 from tracker.training.config import TrainConfig
 from tracker.training.evaluate import evaluate
 from tracker.model.adapter import collate_modalities
+from tracker.training.distributed import average_gradients, broadcast_flag, broadcast_parameters, shard
+from tracker.training.distributed import world as dist_world
 from tracker.training.examples import Example, class_weights, feature_statistics, load_examples
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,10 @@ class Trainer:
         self.loss_weights = torch.tensor(class_weights(labels, len(rec.label_set), cfg.class_weighting), dtype=torch.float32)
 
     # ------------------------------------------------------------------ helpers
+    def _steps_per_epoch(self) -> int:
+        rank, size = dist_world()
+        return len(shard(list(range(math.ceil(len(self.train_examples) / self.config.batch_size))), rank, size))
+
     def _refit_feature_normalisation(self) -> None:
         for m in self.recognizer.config.adapter.modalities:
             stats = feature_statistics(self.train_examples, m.name)
@@ -196,7 +202,8 @@ class Trainer:
         params = [p for p in rec.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         lengths = [len(e.input_ids) for e in self.encoded]
-        steps_per_epoch = math.ceil(len(self.train_examples) / cfg.batch_size)
+        rank, size = dist_world()
+        steps_per_epoch = self._steps_per_epoch()
         total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
         if cfg.max_steps and cfg.epochs > 0:
             total = min(total, math.ceil(cfg.epochs * steps_per_epoch))
@@ -219,13 +226,14 @@ class Trainer:
                 self._refit_feature_normalisation()  # the new run's data, not the old checkpoint's
             if cfg.encoder_warmup_epochs:
                 self.warm_up_encoders()
+            broadcast_parameters(params)  # every worker starts from rank 0's weights
         weights = self.loss_weights.to(rec.backbone.device)
         last_save = time.time()
         ema_loss = None
         bar = tqdm(total=total, initial=s["global_step"], desc="train", disable=not self.progress, dynamic_ncols=True)
         rec.train()
         while s["global_step"] < total and not s["stopped_early"]:
-            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, s["epoch"])
+            batches = shard(length_grouped_batches(lengths, cfg.batch_size, cfg.seed, s["epoch"]), rank, size)
             while s["step_in_epoch"] < len(batches) and s["global_step"] < total:
                 idx = batches[s["step_in_epoch"]]
                 t0 = time.time()
@@ -240,6 +248,7 @@ class Trainer:
                     loss = loss + cfg.aux_loss_weight * self._aux_loss(batch.modalities, labels, weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients(params)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
@@ -254,12 +263,14 @@ class Trainer:
                 epoch_done = s["step_in_epoch"] >= len(batches)
                 due = cfg.eval_every_steps and s["global_step"] % cfg.eval_every_steps == 0
                 if due or (epoch_done and not cfg.eval_every_steps) or s["global_step"] >= total:
-                    self._eval_step(s, optimizer)
+                    if rank == 0:
+                        self._eval_step(s, optimizer)
+                    s["stopped_early"] = broadcast_flag(s["stopped_early"])
                     rec.train()
                     last_save = time.time()
                     if s["stopped_early"]:
                         break
-                elif time.time() - last_save > 60 * cfg.checkpoint_minutes:
+                elif rank == 0 and time.time() - last_save > 60 * cfg.checkpoint_minutes:
                     self._save_last(optimizer, s)
                     last_save = time.time()
             if s["step_in_epoch"] >= len(batches):
@@ -267,11 +278,13 @@ class Trainer:
                 s["step_in_epoch"] = 0
         bar.close()
         rec.eval()
+        if rank != 0:
+            return {"steps": s["global_step"], "rank": rank, "train_seconds": s["train_seconds"]}
         return self._finish(s)
 
     def _eval_step(self, s: dict[str, Any], optimizer) -> None:
         score, reports = self._evaluate_selection()
-        entry = {"step": s["global_step"], "epoch": s["epoch"] + s["step_in_epoch"] / max(1, math.ceil(len(self.train_examples) / self.config.batch_size)),
+        entry = {"step": s["global_step"], "epoch": s["epoch"] + s["step_in_epoch"] / max(1, self._steps_per_epoch()),
                  **{f"{spec}/{m}": getattr(r, m) for spec, r in reports.items() for m in ("weighted_f1", "accuracy")}}
         s["history"].append(entry)
         improved = score > s["best_score"]
@@ -292,7 +305,7 @@ class Trainer:
         best = self.run_dir / "best"
         result: dict[str, Any] = {"history": s["history"], "steps": s["global_step"], "stopped_early": s["stopped_early"],
                                   "train_seconds": s["train_seconds"],
-                                  "seconds_per_epoch": s["train_seconds"] * math.ceil(len(self.train_examples) / self.config.batch_size) / max(1, s["global_step"]),
+                                  "seconds_per_epoch": s["train_seconds"] * self._steps_per_epoch() / max(1, s["global_step"]),
                                   "trainable_parameters": self.recognizer.num_trainable_parameters(), "dev": {}}
         if best.exists() and self.dev_sets:
             model = EmotionRecognizer.from_pretrained(best, backbone=self.recognizer.backbone)
