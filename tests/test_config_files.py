@@ -29,3 +29,19 @@ def test_bad_yaml_names_the_field(tmp_path):
     bad.write_text("!!python/object:os.system {}\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(RecognizerConfig, bad)
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "train").rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_train_configs_load_and_their_data_specs_resolve(path):
+    from tracker.training.config import TrainConfig
+
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.train and cfg.name
+    # the acoustic modalities a config trains are ones the feature code can compute
+    from tracker.audio.modalities import ModalityFeatures
+
+    ModalityFeatures(cfg.model.adapter.modalities)
+    if cfg.model.adapter.aux_classes:
+        from tracker.labels import get_label_set
+
+        assert cfg.model.adapter.aux_classes == len(get_label_set(cfg.model.label_set))
