@@ -42,21 +42,42 @@ def main() -> int:
     SHIPPED.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         shutil.copyfile(src / name, SHIPPED / name)
-    history, steps = [], None
+    history, steps, run_config = [], None, {}
+    if args.run_dir and (Path(args.run_dir) / "config.yaml").exists():
+        import yaml
+
+        run_config = yaml.safe_load((Path(args.run_dir) / "config.yaml").read_text()) or {}
     if args.run_dir and (Path(args.run_dir) / "last" / "trainer_state.json").exists():
         state = json.loads((Path(args.run_dir) / "last" / "trainer_state.json").read_text())
         history = state.get("history", [])
         scored = [h for h in history if "meld:dev/weighted_f1" in h]
-        steps = max(scored, key=lambda h: h["meld:dev/weighted_f1"])["step"] if scored else None  # the best one
+        if run_config.get("select_on") == "mean":
+            key = lambda h: sum(v for k, v in h.items() if k.endswith("/weighted_f1")) / max(1, sum(k.endswith("/weighted_f1") for k in h))
+        else:
+            key = lambda h: h["meld:dev/weighted_f1"]
+        steps = max(scored, key=key)["step"] if scored else None  # the best one
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     (SHIPPED / "eval.json").write_text(json.dumps({"reports": reports, "history": history}, indent=2))
-    (SHIPPED / "README.md").write_text(model_card(rec, reports, history, steps, commit))
+    (SHIPPED / "README.md").write_text(model_card(rec, reports, history, steps, commit, run_config))
     print(f"shipped {src} -> {SHIPPED}")
     return 0
 
 
-def model_card(rec: EmotionRecognizer, reports: dict, history: list, steps: int | None, commit: str) -> str:
+def model_card(rec: EmotionRecognizer, reports: dict, history: list, steps: int | None, commit: str,
+               run_config: dict | None = None) -> str:
     a = rec.config.adapter
+    run_config = run_config or {}
+    repeats = {src.get("spec"): src.get("repeat", 1) for src in run_config.get("train", [])}
+    rav_times = {1: "once", 2: "twice"}.get(repeats.get("ravdess:train", 1), f"{repeats.get('ravdess:train', 1)} times")
+    selection = ("the mean of MELD dev and RAVDESS dev weighted F1" if run_config.get("select_on") == "mean"
+                 else "MELD dev weighted F1")
+    modalities = ", ".join(f"{m.name} ({m.source}, {m.feature_dim} features"
+                           + (f", frames averaged in {m.frame_pooling}s" if m.frame_pooling > 1 else "") + ")" for m in a.modalities)
+    aux = ""
+    if run_config.get("aux_loss_weight") or run_config.get("encoder_warmup_epochs"):
+        aux = (f"\n- Acoustic training: the encoders and their auxiliary classifiers were first trained alone for "
+               f"{run_config.get('encoder_warmup_epochs', 0)} epochs (no LLM), then an auxiliary loss (weight "
+               f"{run_config.get('aux_loss_weight', 0)}) stayed on during the main training.")
     meld, rav = reports["meld:dev"], reports["ravdess:dev"]
     predicted = [sum(col) for col in zip(*rav["confusion"])]
     audio_note = (
@@ -68,7 +89,7 @@ def model_card(rec: EmotionRecognizer, reports: dict, history: list, steps: int 
     )
     rows = "\n".join(
         f"| {h['step']} | {h['epoch']:.2f} | {100 * h.get('meld:dev/weighted_f1', 0):.2f} | {100 * h.get('meld:dev/accuracy', 0):.2f} "
-        f"| {100 * h.get('ravdess:dev/accuracy', 0):.2f} |" for h in history)
+        f"| {100 * h.get('ravdess:dev/accuracy', 0):.2f} | {100 * h.get('ravdess:dev/weighted_f1', 0):.2f} |" for h in history)
     per_class = "\n".join(f"| {lab} | {100 * c['precision']:.1f} | {100 * c['recall']:.1f} | {100 * c['f1']:.1f} | {c['support']} |"
                           for lab, c in meld["per_class"].items())
     return f"""# Model card: the default tracker adapter
@@ -82,18 +103,18 @@ MELD's 7 emotions ({", ".join(rec.label_set.labels)}) from its text, its last
 acoustic features.
 
 - Adapter: d={a.d_model}, {a.n_pseudo_tokens} pseudo tokens, `{a.expansion}` expansion, text as its own modality:
-  {a.text_as_modality}, modalities: {", ".join(m.name for m in a.modalities)}; label head: `{rec.config.head}` on layer
+  {a.text_as_modality}, modalities: {modalities}; label head: `{rec.config.head}` on layer
   {rec.config.head_layer or "last"}.
 - Data: MELD train (9,989 utterances, text and context, no audio) with RAVDESS train (actors 01-16,
-  960 clips, audio with its neutral statement as text, counted twice), RAVDESS folded into MELD's
+  960 clips, audio with its neutral statement as text, counted {rav_times}), RAVDESS folded into MELD's
   labels (calm -> neutral, happy -> joy, sad -> sadness, angry -> anger, fearful -> fear,
   disgust -> disgust, surprised -> surprise); the missing modality masked. Class-weighted
-  cross-entropy (inverse square root of frequency).
-- Selection: the checkpoint with the best MELD dev weighted F1 among the evaluations so far.
+  cross-entropy (inverse square root of frequency).{aux}
+- Selection: the checkpoint with the best {selection} among the evaluations so far.
 - Licences of the training data: MELD GPL-3.0; RAVDESS CC BY-NC-SA 4.0 (non-commercial,
   attribution, share-alike). Gemma-3-270M: the Gemma Terms of Use.
 
-## Dev figures (command: `python scripts/ship_model.py --checkpoint runs/default/best`, same code as `tracker eval`)
+## Dev figures (command: `python scripts/ship_model.py --checkpoint <run>/best --run-dir <run>`, same code as `tracker eval`)
 
 | dev set | utterances | accuracy | weighted F1 | macro F1 |
 |---|---|---|---|---|
@@ -111,8 +132,8 @@ F1 52.04; eGeMAPS + SVM: RAVDESS dev accuracy 50.00 folded to 7 labels).
 
 ## Evaluation history of the training run
 
-| step | epoch | MELD dev W-F1 | MELD dev acc | RAVDESS dev acc |
-|---|---|---|---|---|
+| step | epoch | MELD dev W-F1 | MELD dev acc | RAVDESS dev acc | RAVDESS dev W-F1 |
+|---|---|---|---|---|---|
 {rows}
 
 ## Limitations
