@@ -184,3 +184,38 @@ def test_live_refinement_resumes_without_refinalizing():
         new += [u.index for u in live.add_judgements(win, np.zeros((len(win.members), 2)))]
     assert sorted(new) == [3, 4, 5, 6, 7]  # the finalized ones never again; each new one has its 2 windows
     assert all(len(live.utts[i].judgements) == 2 for i in range(4, 8))
+
+
+# -- offline training on cached features ------------------------------------------------------------
+
+
+def test_cached_features_match_the_live_forward_and_training_runs(tiny_backbone, tmp_path):
+    from tracker.data.records import Utterance, build_conversation
+    from tracker.model.adapter import AdapterConfig
+    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+    from tracker.model.refine import Refiner, RefinerConfig, WindowItem
+    from tracker.training import refine as R
+
+    torch.manual_seed(0)
+    rec = EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32",
+                                                            adapter=AdapterConfig(d_model=16, n_pseudo_tokens=2)))
+    labels = rec.label_set.labels
+    convs = [build_conversation(f"c{c}", [Utterance(f"c{c}", f"c{c}u{i}", i, "AB"[i % 2], f"line {i} of {c}",
+                                                    label=labels[(c + i) % 3]) for i in range(2 + c)]) for c in range(5)]
+    base = R.base_probabilities(rec, convs, tmp_path / "base.npz")
+    assert base["base"].shape == (20, 7) and base["conv"].tolist() == [c for c in range(5) for _ in range(2 + c)]
+    ref = Refiner(tiny_backbone, RefinerConfig(backbone="tiny", window=4, stride=2, head_layer=1))
+    slots = R.slot_states(ref, convs, base["base"], tmp_path / "slots.npz")
+    assert slots["hidden"].shape == (20, 2, 64) and int(slots["windows"]) == sum(len(ref.spec.windows(len(c))) for c in convs)
+    # utterance 2 of the last conversation, in its second window ([2, 6)), at position 0
+    c = convs[4]
+    items = [WindowItem(u.speaker, u.text, base["base"][14 + i]) for i, u in enumerate(c)]
+    live = ref.slot_hidden([items[2:6]])[0][0].numpy()
+    np.testing.assert_allclose(slots["hidden"][16, 1].astype(np.float32), live, atol=2e-2)
+    assert slots["position"][16].tolist() == [2, 0] and slots["order"][16].tolist() == [0, 1]
+    again = R.slot_states(ref, convs, base["base"], tmp_path / "slots.npz")  # from the cache
+    assert np.array_equal(again["hidden"], slots["hidden"])
+    fit = R.fit(ref, (slots, base), (slots, base), steps=30, lr=1e-2)
+    assert fit.best_step % 10 == 0 and 0 <= fit.dev_wf1 <= 1 and len(fit.history) == 3
+    probs = R.predict(ref, (slots, base))
+    assert probs.shape == (20, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)

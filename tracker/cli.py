@@ -137,6 +137,8 @@ def _configure_train_refiner(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev-dialogues", type=int, default=0, help="dev dialogues (0 = all)")
     p.add_argument("--head-layer", type=int, default=12)
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--aux", type=float, default=0.0, help="weight of a loss on each window judgement alone")
     p.add_argument("--out", required=True, help="refiners are written to OUT/w<w>s<s>")
     p.add_argument("--cache", default=None, help="feature cache directory (default: <cache dir>/refiner-features)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -176,7 +178,8 @@ def cmd_train_refiner(args: argparse.Namespace) -> int:
         slots = {}
         for name, (convs, base, key) in data.items():
             slots[name] = R.slot_states(refiner, convs, base["base"], cache / f"slots-{tag}-{key}-w{w}s{s}-L{args.head_layer}.npz")
-        fit = R.fit(refiner, (slots["train"], data["train"][1]), (slots["dev"], data["dev"][1]), steps=args.steps)
+        fit = R.fit(refiner, (slots["train"], data["train"][1]), (slots["dev"], data["dev"][1]), steps=args.steps,
+                    lr=args.lr, aux=args.aux)
         out = Path(args.out) / f"w{w}s{s}"
         n_dev = len(data["dev"][1]["labels"])
         row = {"window": w, "stride": s, "t": w // s, "dev_weighted_f1": fit.dev_wf1, "dev_accuracy": fit.dev_acc,
@@ -202,6 +205,9 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a Serve YAML (default: configs/serve/local.yaml)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: from the config)")
     p.add_argument("--checkpoint", default=None, help="serve this adapter checkpoint instead of the shipped one")
+    p.add_argument("--refiner", default=None,
+                   help="conversation-level refinement: 'default' (the shipped refiner) or a refiner directory; "
+                        "labels then come as interim, then final")
 
 
 def _start_service(args: argparse.Namespace):
@@ -213,6 +219,8 @@ def _start_service(args: argparse.Namespace):
     service = service_from_file(args.config or LOCAL_CONFIG, **overrides)
     if getattr(args, "checkpoint", None):
         service.args = {**service.args, "model": {**service.args.get("model", {}), "checkpoint": args.checkpoint}}
+    if getattr(args, "refiner", None):
+        service.args = {**service.args, "refine": {**service.args.get("refine", {}), "checkpoint": args.refiner}}
     return service.start()
 
 
@@ -270,7 +278,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ref = gold.get((msg["speaker"], msg["text"]))
             ref_txt = f"  (MELD: {ref})" if ref else ""
             span = f"{msg['start_ms'] / 1000:5.1f}-{msg['end_ms'] / 1000:5.1f}s" if msg.get("start_ms") is not None else "   text   "
-            print(f"[{span}] {msg['speaker']:>8s}: {msg['label']:<8s} {conf:4.0%}{ref_txt}  \"{msg['text']}\"", flush=True)
+            kind = "" if not getattr(args, "refiner", None) else ("final   " if msg.get("is_final") else "interim ")
+            if msg.get("revised"):
+                ref_txt += f"  (revised, was {msg.get('interim_label')})"
+            print(f"[{span}] {kind}{msg['speaker']:>8s}: {msg['label']:<8s} {conf:4.0%}{ref_txt}  \"{msg['text']}\"", flush=True)
         elif msg.get("type") == "error":
             print(f"error {msg['code']}: {msg['message']}", flush=True)
 
