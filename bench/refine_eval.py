@@ -48,6 +48,21 @@ def delays(spec: WindowSpec, lengths: list[int]) -> np.ndarray:
     return np.array([min(spec.final_delay(i), n - 1 - i) for n in lengths for i in range(n)])
 
 
+def bootstrap_delta(gold: np.ndarray, base: np.ndarray, refined: np.ndarray, conv: np.ndarray, labels: list[str],
+                    n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of W-F1(refined) - W-F1(base), resampling dev dialogues (paired)."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(conv)
+    rows = {c: np.flatnonzero(conv == c) for c in ids}
+    deltas = []
+    for _ in range(n):
+        idx = np.concatenate([rows[c] for c in rng.choice(ids, size=len(ids))])
+        g = gold[idx].tolist()
+        deltas.append(classification_report(g, refined[idx].tolist(), labels).weighted_f1
+                      - classification_report(g, base[idx].tolist(), labels).weighted_f1)
+    return float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))
+
+
 def demo_delay_s(spec: WindowSpec) -> tuple[float, float]:
     """Mean and max call time (s) from an utterance's end to its final on the demo call (compute excluded)."""
     utts = json.loads(DEMO.read_text())["utterances"]
@@ -99,13 +114,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux", type=float, default=0.0)
+    ap.add_argument("--seeds", type=int, default=5, help="training seeds (figures are means over them)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--cache", default=None)
     ap.add_argument("--measure", type=int, default=0, help="time N base and N window forwards of the real LLM")
     ap.add_argument("--end-to-end", default=None, help="a saved refiner directory to run on MELD dev end to end")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from tracker.model.backbone import load_backbone
     from tracker.model.refine import Refiner, RefinerConfig
     from tracker.labels import MELD7
 
@@ -115,7 +131,6 @@ def main() -> None:
     train_key, dev_key = R._key("meld:train", args.train_dialogues, 0), R._key("meld:dev", 0, 0)
     dev_convs = R.sample_conversations("meld:dev", 0)
     lengths = [len(c) for c in dev_convs]
-    tiny = load_backbone("tiny", dtype="fp32")  # the head/attention train on cached states: no LLM needed
     labels = list(MELD7.labels)
     rows = []
     for w, s in zip(args.window, args.stride):
@@ -124,42 +139,43 @@ def main() -> None:
         dev = load_cached(cache, tag, dev_key, w, s, args.head_layer)
         hidden = train[0]["hidden"].shape[-1]
 
-        def fresh() -> Refiner:
-            import torch
-
-            torch.manual_seed(0)
-            r = Refiner(tiny, RefinerConfig(backbone="tiny", window=w, stride=s, head_layer=1))
-            r.head = torch.nn.Linear(hidden, len(labels))  # the cached states are the real LLM's width
-            torch.nn.init.normal_(r.head.weight, std=0.01)
-            torch.nn.init.zeros_(r.head.bias)
-            return r
+        def fresh(seed: int) -> R.CachedRefiner:  # head + RFAttention alone: the LLM's states are cached
+            return R.CachedRefiner(RefinerConfig(window=w, stride=s, head_layer=args.head_layer), MELD7, hidden, seed=seed)
 
         gold = dev[1]["labels"]
-        base_rep = classification_report(gold.tolist(), dev[1]["base"].argmax(1).tolist(), labels)
-        sel = R.fit(fresh(), train, dev, steps=args.steps, lr=args.lr, aux=args.aux)
+        base_pred = dev[1]["base"].argmax(1)
+        base_rep = classification_report(gold.tolist(), base_pred.tolist(), labels)
         conv = dev[1]["conv"]
-        pooled = np.zeros((len(gold), len(labels)))
-        for fold in (0, 1):
-            pick = conv % 2 == fold
-            r = fresh()
-            R.fit(r, train, R.subset(dev, pick), steps=args.steps, lr=args.lr, aux=args.aux)
-            pooled[~pick] = R.predict(r, R.subset(dev, ~pick))
-        twofold = classification_report(gold.tolist(), pooled.argmax(1).tolist(), labels)
+        sel_f1, sel_acc, two_f1, two_acc, cis = [], [], [], [], []
+        for seed in range(args.seeds):
+            sel = R.fit(fresh(seed), train, dev, steps=args.steps, lr=args.lr, aux=args.aux, seed=seed)
+            pooled = np.zeros((len(gold), len(labels)))
+            for fold in (0, 1):
+                pick = conv % 2 == fold
+                r = fresh(seed)
+                R.fit(r, train, R.subset(dev, pick), steps=args.steps, lr=args.lr, aux=args.aux, seed=seed)
+                pooled[~pick] = R.predict(r, R.subset(dev, ~pick))
+            two = classification_report(gold.tolist(), pooled.argmax(1).tolist(), labels)
+            sel_f1.append(sel.dev_wf1), sel_acc.append(sel.dev_acc), two_f1.append(two.weighted_f1), two_acc.append(two.accuracy)
+            cis.append(bootstrap_delta(gold, base_pred, pooled.argmax(1), conv, labels, n=args.bootstrap))
+        lo, hi = cis[0]
         d = delays(spec, lengths)
         demo_mean, demo_max = demo_delay_s(spec)
-        row = {"window": w, "stride": s, "t": spec.t, "base_wf1": base_rep.weighted_f1, "base_acc": base_rep.accuracy,
-               "refined_wf1": sel.dev_wf1, "refined_acc": sel.dev_acc, "twofold_wf1": twofold.weighted_f1,
-               "twofold_acc": twofold.accuracy, "judgements_only_wf1": sel.judge_only_wf1,
+        row = {"window": w, "stride": s, "t": spec.t, "seeds": args.seeds, "base_wf1": base_rep.weighted_f1,
+               "base_acc": base_rep.accuracy, "refined_wf1": float(np.mean(sel_f1)), "refined_acc": float(np.mean(sel_acc)),
+               "twofold_wf1": float(np.mean(two_f1)), "twofold_wf1_std": float(np.std(two_f1)),
+               "twofold_wf1_per_seed": two_f1, "twofold_acc": float(np.mean(two_acc)), "twofold_delta_ci95_seed0": [lo, hi],
                "delay_utts_mean": float(d.mean()), "delay_utts_max": int(d.max()),
                "demo_delay_s_mean": demo_mean, "demo_delay_s_max": demo_max,
                "windows_per_utt": float(dev[0]["windows"]) / len(gold),
                "window_s": float(dev[0]["seconds"]) / float(dev[0]["windows"])}
         rows.append(row)
-        print(f"w={w} s={s} t={spec.t}: MELD dev W-F1 base {100 * row['base_wf1']:.2f} | refined {100 * row['refined_wf1']:.2f} "
-              f"(dev-selected) {100 * row['twofold_wf1']:.2f} (2-fold) | acc {100 * row['base_acc']:.2f} -> "
-              f"{100 * row['refined_acc']:.2f} / {100 * row['twofold_acc']:.2f} | delay {row['delay_utts_mean']:.2f} utt "
-              f"(max {row['delay_utts_max']}), demo call {demo_mean:.1f} s (max {demo_max:.1f}) | "
-              f"{row['windows_per_utt']:.3f} window forwards/utt", flush=True)
+        print(f"w={w} s={s} t={spec.t}: MELD dev W-F1 base {100 * row['base_wf1']:.2f} | refined "
+              f"{100 * row['refined_wf1']:.2f} (dev-selected) {100 * row['twofold_wf1']:.2f} +- {100 * row['twofold_wf1_std']:.2f} "
+              f"(2-fold, mean +- sd of {args.seeds} seeds; seed 0 delta 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}]) | acc "
+              f"{100 * row['base_acc']:.2f} -> {100 * row['refined_acc']:.2f} / {100 * row['twofold_acc']:.2f} | delay "
+              f"{row['delay_utts_mean']:.2f} utt (max {row['delay_utts_max']}), demo call {demo_mean:.1f} s (max {demo_max:.1f}) "
+              f"| {row['windows_per_utt']:.3f} window forwards/utt", flush=True)
     out = {"rows": rows, "dev_utterances": int(sum(lengths))}
     if args.measure:
         for w, s in zip(args.window, args.stride):

@@ -56,6 +56,24 @@ class RefinerModel:
         if (r.window and r.window != spec.size) or (r.stride and r.stride != spec.stride):
             raise ValueError(f"refine: window/stride {r.window}/{r.stride} do not match the refiner's {spec.size}/{spec.stride} ({path})")
         self.windows = 0
+        self._check_base(path)
+
+    def _check_base(self, path: Path) -> None:
+        """Warn when the refiner was trained on another base adapter than the one served (it still works)."""
+        import hashlib
+        import json
+
+        from tracker.model.default import default_checkpoint
+
+        trained_on = (json.loads((path / "config.json").read_text()).get("training") or {}).get("base_checkpoint_sha1")
+        base = default_checkpoint() if self.config.model.checkpoint == "default" else Path(self.config.model.checkpoint)
+        try:
+            served = hashlib.sha1((base / "model.safetensors").read_bytes()).hexdigest()[:10]
+        except OSError:
+            return
+        if trained_on and trained_on != served:
+            log.warning("refiner %s was trained on base adapter %s, the service runs %s: retrain it with "
+                        "`tracker train-refiner` for the figures in its model card", path, trained_on, served)
 
     def info(self) -> dict[str, Any]:
         s = self.refiner.spec

@@ -196,3 +196,36 @@ def fit(refiner: Refiner, train: tuple[dict, dict], dev: tuple[dict, dict], step
     refiner.eval()
     return FitResult(best_step=best[1], dev_wf1=best[0], dev_acc=best[3], base_wf1=base_rep.weighted_f1,
                      base_acc=base_rep.accuracy, judge_only_wf1=best[4], history=history)
+
+
+class CachedRefiner(torch.nn.Module):
+    """The trainable part of a Refiner (label head + RFAttention) without a backbone: trains on cached states.
+
+    Its state dict has the Refiner's names, so :func:`write_refiner` saves a checkpoint that
+    ``Refiner.from_pretrained`` loads onto the real backbone.
+    """
+
+    def __init__(self, config, label_set, hidden_size: int, seed: int = 0):
+        from tracker.model.refine import RFAttention
+
+        super().__init__()
+        torch.manual_seed(seed)
+        self.config, self.label_set, self.hidden_size = config, label_set, hidden_size
+        self.head = torch.nn.Linear(hidden_size, len(label_set))
+        torch.nn.init.normal_(self.head.weight, std=0.01)
+        torch.nn.init.zeros_(self.head.bias)
+        self.attention = RFAttention(len(label_set), config.window, config.spec.t, config.mlp_hidden)
+
+    trainable_state_dict = Refiner.trainable_state_dict
+    load_trainable_state_dict = Refiner.load_trainable_state_dict
+
+
+def write_refiner(model: CachedRefiner, directory: str | Path, extra: dict | None = None) -> Path:
+    """A refiner checkpoint (config.json + model.safetensors) for the backbone the config names."""
+    from tracker.config import to_dict
+    from tracker.model import checkpoint as ckpt
+    from tracker.model.refine import FORMAT
+
+    payload = {"format": FORMAT, "backbone": model.config.backbone, "llm_hidden_size": model.hidden_size,
+               "label_set": model.label_set.to_dict(), "refiner": to_dict(model.config), **(extra or {})}
+    return ckpt.write_checkpoint(directory, payload, model.trainable_state_dict())
