@@ -157,7 +157,10 @@ class StreamSession:
 
             self._refine = RefineStage(self.pipeline, start.conversation_id, self.pipeline.refine_info, self._send_final)
             if start.resume:
-                await self._refine.restore()
+                try:
+                    await self._refine.restore()
+                except Exception:  # storage trouble: refine from here on; stored finals are never redone
+                    log.exception("restoring the refinement state of %s failed", start.conversation_id)
         self._worker = asyncio.create_task(self._work())
         done = await self.pipeline.stored_finals(start.conversation_id) if start.resume else []
         self._stored = done
