@@ -50,4 +50,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     features = FeatureExtractor.options(**d.feature_extractor.ray_options()).bind(args)
     model = EmotionModel.options(**d.emotion_model.ray_options()).bind(args)
     context = ContextAggregator.options(**d.context_aggregator.ray_options()).bind(args, redis_url, model_label_set(config))
-    return Ingress.options(**d.ingress.ray_options()).bind(features, model, context, args)
+    extra = {}
+    if config.refine.checkpoint:  # conversation-level refinement: interim, then final labels
+        from services.refinement import RefinerModel
+
+        extra["refiner"] = RefinerModel.options(**d.refiner.ray_options()).bind(args)
+    return Ingress.options(**d.ingress.ray_options()).bind(features, model, context, args, **extra)

@@ -60,11 +60,27 @@ class ModelServing:
 
 
 @dataclass
+class RefineServing:
+    """Conversation-level refinement (interim then final labels); off unless a refiner checkpoint is named."""
+
+    checkpoint: str = ""  # "" = off (every label is final at once), "default" = the shipped refiner, else a directory
+    window: int = 0  # w and s the refiner must have been trained with (0 = take the checkpoint's)
+    stride: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window < 0 or self.stride < 0:
+            raise ConfigError("refine.window/refine.stride: must be >= 0 (0 = the checkpoint's)")
+        if self.window and self.stride and self.window % self.stride:
+            raise ConfigError(f"refine.window: {self.window} must be a multiple of refine.stride {self.stride}")
+
+
+@dataclass
 class Deployments:
     ingress: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256))
     feature_extractor: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.2))
     emotion_model: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=1.0))
     context_aggregator: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256))
+    refiner: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.5))
 
 
 @dataclass
@@ -78,6 +94,7 @@ class AppConfig:
     features: FeatureExtractorConfig = field(default_factory=lambda: FeatureExtractorConfig(use_cache=False))
     limits: SessionLimits = field(default_factory=SessionLimits)
     deployments: Deployments = field(default_factory=Deployments)
+    refine: RefineServing = field(default_factory=RefineServing)
 
     def __post_init__(self) -> None:
         if self.deployments.emotion_model.max_ongoing_requests < self.model.max_batch_size:

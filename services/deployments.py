@@ -147,6 +147,10 @@ class ContextAggregator:
     async def finals(self, conversation_id: str) -> list[dict[str, Any]]:
         return await self.store.history(conversation_id, finals_only=True)
 
+    async def records(self, conversation_id: str) -> list[dict[str, Any]]:
+        """Every stored record, interim and final, oldest first (a refining session resuming)."""
+        return await self.store.history(conversation_id, finals_only=False)
+
     async def list_conversations(self, limit: int = 50) -> list[dict[str, Any]]:
         return await self.store.list_conversations(limit=limit)
 

@@ -37,11 +37,14 @@ ALERT = {"k": 3, "m": 4, "clear": 1}  # escalation: >= k negative of a speaker's
 class ServePipeline:
     """The StreamSession's pipeline, backed by the worker deployments' handles."""
 
-    def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle, context_turns: int):
+    def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle, context_turns: int,
+                 refiner: DeploymentHandle | None = None, refine_info: dict[str, Any] | None = None):
         self.features = features
         self.model = model
         self.context = context
         self.context_turns = context_turns
+        self.refiner = refiner
+        self.refine_info = refine_info  # set when conversation-level refinement is on (services/refinement.py)
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         existing = await self.context.final_record.remote(conversation_id, job["utterance_id"])
@@ -59,10 +62,26 @@ class ServePipeline:
         record = {
             "conversation_id": conversation_id, "utterance_id": job["utterance_id"], "speaker": job["speaker"],
             "start_ms": job.get("start_ms"), "end_ms": job.get("end_ms"), "text": job["text"],
-            "label": pred["label"], "probabilities": pred["probabilities"], "score": pred["score"], "is_final": True,
+            "label": pred["label"], "probabilities": pred["probabilities"], "score": pred["score"],
+            "is_final": bool(job.get("is_final", True)),
             "modalities": (["text"] if job["text"].strip() else []) + (["audio"] if feats is not None else []),
         }
+        if not record["is_final"]:
+            record["refine"] = True  # an interim label awaiting refinement: counts as context (tracker.context.ops)
         return await self.context.record.remote(conversation_id, record)
+
+    # -- conversation-level refinement (used by services.refinement.RefineStage)
+    async def judge_windows(self, windows: list[list[dict[str, Any]]]) -> list[list[list[float]]]:
+        return await self.refiner.judge.remote(windows)
+
+    async def combine_judgements(self, judgements: list[dict[str, Any]], base_probs: list[float]) -> dict[str, Any]:
+        return await self.refiner.combine.remote(judgements, base_probs)
+
+    async def store_record(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
+        return await self.context.record.remote(conversation_id, record)
+
+    async def stored_records(self, conversation_id: str) -> list[dict[str, Any]]:
+        return await self.context.records.remote(conversation_id)
 
     async def conversation_known(self, conversation_id: str) -> bool:
         return await self.context.known.remote(conversation_id)
@@ -78,17 +97,21 @@ class ServePipeline:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle,
-                 args: dict[str, Any]):
+                 args: dict[str, Any], refiner: DeploymentHandle | None = None):
         self.config = load_app_config(args)
         self.features, self.model, self.context = features, model, context
         self._context_turns: int | None = None
+        self.refiner = refiner  # None: refinement off, every label final at once
+        self._refine_info: dict[str, Any] | None = None
         self.open_streams = 0
 
     async def _pipeline(self) -> ServePipeline:
         if self._context_turns is None:
             info = await self.model.info.remote()
             self._context_turns = int(info["context_turns"])
-        return ServePipeline(self.features, self.model, self.context, self._context_turns)
+        if self.refiner is not None and self._refine_info is None:
+            self._refine_info = await self.refiner.info.remote()
+        return ServePipeline(self.features, self.model, self.context, self._context_turns, self.refiner, self._refine_info)
 
     @api.get("/", include_in_schema=False)
     async def dashboard(self) -> FileResponse:

@@ -224,4 +224,7 @@ def result_message(record: dict[str, Any]) -> dict[str, Any]:
     """The server's `utterance` result for a stored record."""
     keys = ("conversation_id", "utterance_id", "speaker", "start_ms", "end_ms", "text", "label", "probabilities",
             "score", "seq", "is_final", "modalities")
-    return {"type": "utterance", **{k: record.get(k) for k in keys}}
+    msg = {"type": "utterance", **{k: record.get(k) for k in keys}}
+    if record.get("refined"):  # a final label from conversation-level refinement: what it revised
+        msg.update({"interim_label": record.get("interim_label"), "revised": bool(record.get("revised"))})
+    return msg

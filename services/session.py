@@ -94,6 +94,7 @@ class StreamSession:
         self._delivered: set[str] = set()  # utterance ids whose final result the client has
         self.results_sent = 0
         self.fatal: P.ProtocolError | None = None
+        self._refine = None  # a services.refinement.RefineStage when the pipeline refines (interim, then final)
 
     # ------------------------------------------------------------------ client messages
     async def on_text(self, raw: str | bytes) -> None:
@@ -151,6 +152,15 @@ class StreamSession:
         self.start = start
         self._segmenters = [StreamingSegmenter(self.vad_config, start.sample_rate) for _ in range(start.channels)]
         self._channel_offset = [float(offset)] * start.channels
+        if getattr(self.pipeline, "refine_info", None):
+            from services.refinement import RefineStage
+
+            self._refine = RefineStage(self.pipeline, start.conversation_id, self.pipeline.refine_info, self._send_final)
+            if start.resume:
+                try:
+                    await self._refine.restore()
+                except Exception:  # storage trouble: refine from here on; stored finals are never redone
+                    log.exception("restoring the refinement state of %s failed", start.conversation_id)
         self._worker = asyncio.create_task(self._work())
         done = await self.pipeline.stored_finals(start.conversation_id) if start.resume else []
         self._stored = done
@@ -282,6 +292,7 @@ class StreamSession:
                 payload = {
                     "utterance_id": job.utterance_id, "speaker": job.speaker, "text": job.text,
                     "start_ms": job.start_ms, "end_ms": job.end_ms, "pcm": job.pcm, "sample_rate": job.sample_rate,
+                    "is_final": self._refine is None,  # refining: the base label is an interim one
                 }
                 try:
                     record = await self.pipeline.label_utterance(self.start.conversation_id, payload)
@@ -290,12 +301,40 @@ class StreamSession:
                     cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's exception
                     await self._error(P.ProtocolError(P.PROCESSING_FAILED, f"utterance {job.utterance_id}: {type(cause).__name__}: {str(cause)[:200]}"))
                     continue
+                if self._refine is not None and not record.get("is_final"):
+                    await self._interim(record)
+                    continue
                 if job.explicit or record["utterance_id"] not in self._delivered:
                     await self.send(P.result_message(record))
                     self.results_sent += 1
                 self._delivered.add(record["utterance_id"])
             finally:
                 self._queue.task_done()
+
+    async def _interim(self, record: dict[str, Any]) -> None:
+        """Refining: send the interim label, then let the refinement judge the windows it closes."""
+        await self.send(P.result_message(record))
+        try:
+            await self._refine.on_interim(record)
+        except Exception as exc:  # storage trouble: the utterance is finalized at the end, the stream goes on
+            log.exception("refinement after %s failed", record["utterance_id"])
+            await self._error(P.ProtocolError(P.PROCESSING_FAILED, f"utterance {record['utterance_id']}: refinement: {type(exc).__name__}"))
+
+    async def _send_final(self, message: dict[str, Any]) -> None:
+        """A refined final label (from the RefineStage)."""
+        if message["utterance_id"] not in self._delivered:
+            await self.send(message)
+            self.results_sent += 1
+        self._delivered.add(message["utterance_id"])
+
+    async def _finish_refinement(self) -> None:
+        if self._refine is None:
+            return
+        try:
+            await self._refine.finish()
+        except Exception as exc:
+            log.exception("finishing refinement failed")
+            await self._error(P.ProtocolError(P.PROCESSING_FAILED, f"refinement: {type(exc).__name__}: {str(exc)[:200]}"))
 
     async def stop(self) -> None:
         """Flush everything, wait until every utterance is labelled, then report `stopped`."""
@@ -307,6 +346,7 @@ class StreamSession:
         await self._queue.put(None)
         if self._worker is not None:
             await self._worker
+        await self._finish_refinement()  # the conversation ended: the open windows close, every label is final
         await self.pipeline.end_conversation(self.start.conversation_id)  # a dropped connection may resume; a stop ends it
         await self.send({"type": "stopped", "conversation_id": self.start.conversation_id, "results": self.results_sent})
 
@@ -320,6 +360,9 @@ class StreamSession:
                 await asyncio.wait_for(self._worker, timeout=30)
             except asyncio.TimeoutError:
                 self._worker.cancel()
+            if not self.stopped:
+                # the connection went: close the windows now so every stored interim gets its final
+                await self._finish_refinement()
 
     async def _error(self, exc: P.ProtocolError) -> None:
         if exc.fatal:

@@ -37,11 +37,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_test_service(checkpoint, **model_overrides):
+def start_test_service(checkpoint, extra_args: dict | None = None, **model_overrides):
     """The real service (Ray Serve + embedded Redis) on a free loopback port, sized for 2 test cores."""
     from services.runner import LocalService
 
-    args = {
+    args = {**(extra_args or {}),
         "model": {"checkpoint": str(checkpoint), "dtype": "fp32", "max_batch_size": 4, "num_threads": 1, **model_overrides},
         "deployments": {
             "ingress": {"num_cpus": 0.1}, "feature_extractor": {"num_cpus": 0.1},

@@ -348,6 +348,17 @@ def test_bad_reads_and_config_rejected(store, raw, cfg):
 # -- asyncio -------------------------------------------------------------------------------------
 
 
+def test_context_with_refinement_keeps_conversation_order(store):
+    # refining: interims (marked `refine`) arrive in order, refined finals later and out of order
+    for i in range(4):
+        store.append("c", rec(f"u{i}", final=False, refine=True))
+        if i >= 1:
+            store.append("c", rec(f"u{i - 1}", refined=True, interim_label="joy"))
+    store.append("c", rec("u3", refined=True))
+    assert [t.text for t in store.context("c", 3)] == ["text of u1", "text of u2", "text of u3"]
+    assert [r["utterance_id"] for r in store.history("c")] == ["u0", "u1", "u2", "u3"]  # one final each
+
+
 @pytest.mark.asyncio
 async def test_async_store_same_behaviour(redis_server_url, raw, cfg):
     s = AsyncConversationStore(redis_server_url, cfg, MELD7)

@@ -55,3 +55,25 @@ def test_untrained_adapter_on_gemma_also_gives_valid_distributions(gemma):
     probs = rec.predict_proba(five_meld_dev_items(), batch_size=5)
     assert probs.shape == (5, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert rec.adapter.config.llm_hidden_size == 640
+
+
+def test_shipped_refiner_refines_a_meld_dev_dialogue_with_one_forward_per_window(gemma):
+    from tracker.model.default import default_checkpoint
+    from tracker.model.recognizer import EmotionRecognizer
+    from tracker.model.refine import Refiner, refine_conversation
+    from services.refinement import SHIPPED_REFINER
+
+    rec = EmotionRecognizer.from_pretrained(default_checkpoint(), backbone=gemma)
+    ref = Refiner.from_pretrained(SHIPPED_REFINER, backbone=gemma)
+    conv = load_dataset("meld:dev")[0]
+    pairs = list(iter_examples([conv], k=3))
+    base = rec.predict_proba([u.to_input(ctx) for u, ctx in pairs])
+    rows = []
+    handle = gemma.model.base_model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                                             with_kwargs=True)
+    try:
+        final = refine_conversation(ref, [u.speaker for u in conv], [u.text for u in conv], base)
+    finally:
+        handle.remove()
+    assert sum(rows) == len(ref.spec.windows(len(conv)))  # one LLM row per window, not per utterance
+    assert final.shape == base.shape and np.allclose(final.sum(1), 1, atol=1e-5) and (final >= 0).all()

@@ -136,10 +136,87 @@ cmd_eval.configure = _configure_eval
 command("eval", "evaluate a checkpoint on labelled data")(cmd_eval)
 
 
+def _configure_train_refiner(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="the base adapter checkpoint (default: the shipped model)")
+    p.add_argument("--window", type=int, action="append", required=True, help="w; repeat with --stride for several refiners")
+    p.add_argument("--stride", type=int, action="append", required=True, help="s (w must be a multiple of s)")
+    p.add_argument("--train", default="meld:train")
+    p.add_argument("--dev", default="meld:dev")
+    p.add_argument("--train-dialogues", type=int, default=300, help="random train dialogues to use (0 = all)")
+    p.add_argument("--dev-dialogues", type=int, default=0, help="dev dialogues (0 = all)")
+    p.add_argument("--head-layer", type=int, default=12)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--aux", type=float, default=0.0, help="weight of a loss on each window judgement alone")
+    p.add_argument("--out", required=True, help="refiners are written to OUT/w<w>s<s>")
+    p.add_argument("--cache", default=None, help="feature cache directory (default: <cache dir>/refiner-features)")
+    p.add_argument("--json", default=None, help="write the results here")
+
+
+def cmd_train_refiner(args: argparse.Namespace) -> int:
+    """Train refiners (window head + RFAttention) on a frozen base adapter; dev W-F1 with and without refinement."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from tracker.model.backbone import cache_dir
+    from tracker.model.default import default_checkpoint
+    from tracker.model.recognizer import EmotionRecognizer
+    from tracker.model.refine import Refiner, RefinerConfig
+    from tracker.training import refine as R
+
+    logging.getLogger().setLevel(logging.INFO)
+    if len(args.window) != len(args.stride):
+        raise SystemExit("give one --stride per --window")
+    checkpoint = Path(args.checkpoint or default_checkpoint())
+    rec = EmotionRecognizer.from_pretrained(checkpoint)
+    cache = Path(args.cache) if args.cache else cache_dir() / "refiner-features"
+    tag = R._checkpoint_tag(checkpoint)
+    data = {}
+    for name, spec, limit in (("train", args.train, args.train_dialogues), ("dev", args.dev, args.dev_dialogues)):
+        convs = R.sample_conversations(spec, limit)
+        key = R._key(spec, limit, 0)
+        data[name] = (convs, R.base_probabilities(rec, convs, cache / f"base-{tag}-{key}.npz"), key)
+    results = {"checkpoint": str(checkpoint), "train": args.train, "train_dialogues": len(data["train"][0]),
+               "train_utterances": int(len(data["train"][1]["labels"])), "dev": args.dev,
+               "dev_utterances": int(len(data["dev"][1]["labels"])), "refiners": []}
+    for w, s in zip(args.window, args.stride):
+        config = RefinerConfig(backbone=rec.backbone.name, label_set=rec.label_set.name, window=w, stride=s,
+                               head_layer=args.head_layer)
+        refiner = Refiner(rec.backbone, config, rec.label_set)
+        slots = {}
+        for name, (convs, base, key) in data.items():
+            slots[name] = R.slot_states(refiner, convs, base["base"], cache / f"slots-{tag}-{key}-w{w}s{s}-L{args.head_layer}.npz")
+        fit = R.fit(refiner, (slots["train"], data["train"][1]), (slots["dev"], data["dev"][1]), steps=args.steps,
+                    lr=args.lr, aux=args.aux)
+        out = Path(args.out) / f"w{w}s{s}"
+        n_dev = len(data["dev"][1]["labels"])
+        row = {"window": w, "stride": s, "t": w // s, "dev_weighted_f1": fit.dev_wf1, "dev_accuracy": fit.dev_acc,
+               "base_dev_weighted_f1": fit.base_wf1, "base_dev_accuracy": fit.base_acc,
+               "judgements_only_dev_weighted_f1": fit.judge_only_wf1, "best_step": fit.best_step,
+               "dev_windows": int(slots["dev"]["windows"]), "dev_window_seconds": float(slots["dev"]["seconds"]),
+               "windows_per_utterance": int(slots["dev"]["windows"]) / n_dev, "path": str(out)}
+        refiner.save_pretrained(out, extra={"base_checkpoint_sha1": tag, "training": row})
+        results["refiners"].append(row)
+        print(f"w={w} s={s} t={w // s}: dev W-F1 {100 * fit.base_wf1:.2f} -> {100 * fit.dev_wf1:.2f} "
+              f"(acc {100 * fit.base_acc:.2f} -> {100 * fit.dev_acc:.2f}; judgements alone {100 * fit.judge_only_wf1:.2f}; "
+              f"step {fit.best_step}); {row['windows_per_utterance']:.3f} window forwards per utterance", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+cmd_train_refiner.configure = _configure_train_refiner
+command("train-refiner", "train conversation-level refiners (Lantern) on a frozen base adapter")(cmd_train_refiner)
+
+
 def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a Serve YAML (default: configs/serve/local.yaml)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: from the config)")
     p.add_argument("--checkpoint", default=None, help="serve this adapter checkpoint instead of the shipped one")
+    p.add_argument("--refiner", default=None,
+                   help="conversation-level refinement: 'default' (the shipped refiner) or a refiner directory; "
+                        "labels then come as interim, then final")
 
 
 def _start_service(args: argparse.Namespace):
@@ -151,6 +228,8 @@ def _start_service(args: argparse.Namespace):
     service = service_from_file(args.config or LOCAL_CONFIG, **overrides)
     if getattr(args, "checkpoint", None):
         service.args = {**service.args, "model": {**service.args.get("model", {}), "checkpoint": args.checkpoint}}
+    if getattr(args, "refiner", None):
+        service.args = {**service.args, "refine": {**service.args.get("refine", {}), "checkpoint": args.refiner}}
     return service.start()
 
 
@@ -208,7 +287,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ref = gold.get((msg["speaker"], msg["text"]))
             ref_txt = f"  (MELD: {ref})" if ref else ""
             span = f"{msg['start_ms'] / 1000:5.1f}-{msg['end_ms'] / 1000:5.1f}s" if msg.get("start_ms") is not None else "   text   "
-            print(f"[{span}] {msg['speaker']:>8s}: {msg['label']:<8s} {conf:4.0%}{ref_txt}  \"{msg['text']}\"", flush=True)
+            kind = "" if not getattr(args, "refiner", None) else ("final   " if msg.get("is_final") else "interim ")
+            if msg.get("revised"):
+                ref_txt += f"  (revised, was {msg.get('interim_label')})"
+            print(f"[{span}] {kind}{msg['speaker']:>8s}: {msg['label']:<8s} {conf:4.0%}{ref_txt}  \"{msg['text']}\"", flush=True)
         elif msg.get("type") == "error":
             print(f"error {msg['code']}: {msg['message']}", flush=True)
 

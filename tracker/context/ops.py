@@ -153,18 +153,26 @@ class Ops:
         return bool(ok)
 
     def context(self, conversation_id: str, k: int) -> Op[list[Turn]]:
-        """The last `k` final utterances as prompt context, oldest first."""
+        """The last `k` utterances as prompt context, oldest first.
+
+        An utterance counts once, where it entered the conversation: with refinement on, its interim
+        record (marked ``refine``; the refined final, stored later, is skipped), otherwise its final
+        record. Other partial records (not marked) never count: their text may still change.
+        """
         from tracker.model.inputs import Turn
         cid = check_id(conversation_id, "conversation_id")
         if k <= 0:
             return []
-        key, end, newest_first = self.keys.stream(cid), "+", []
+        key, end, newest_first, seen = self.keys.stream(cid), "+", [], set()
         page = max(2 * k, 16)
         while True:
             (raw,) = yield _one(Call("xrevrange", (key,), {"max": end, "min": "-", "count": page}))
             entries = decode_entries(raw)
             for rec in entries:
-                if rec["is_final"]:
+                if rec.get("refined") if rec["is_final"] else not rec.get("refine"):
+                    continue
+                if rec["utterance_id"] not in seen:
+                    seen.add(rec["utterance_id"])
                     newest_first.append(Turn(speaker=rec["speaker"], text=rec["text"]))
                     if len(newest_first) == k:
                         return newest_first[::-1]

@@ -46,7 +46,8 @@ def write_checkpoint(directory: str | Path, config: Mapping[str, Any], state: Ma
     return directory
 
 
-def read_config(directory: str | Path) -> dict[str, Any]:
+def read_config(directory: str | Path, expected_format: str = FORMAT) -> dict[str, Any]:
+    """The checkpoint's config.json, checked to be one of ours (``expected_format``) and not too new."""
     directory = Path(directory)
     if not directory.exists():
         raise CheckpointError(f"checkpoint {directory}: directory does not exist")
@@ -61,8 +62,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt, not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a tracker adapter config (format is {data.get('format') if isinstance(data, dict) else None!r}, expected {FORMAT!r})")
+    if not isinstance(data, dict) or data.get("format") != expected_format:
+        raise CheckpointError(f"{path}: not a tracker {expected_format} config (format is {data.get('format') if isinstance(data, dict) else None!r}, expected {expected_format!r})")
     if int(data.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {data['format_version']} is newer than this tracker reads ({FORMAT_VERSION})")
     return data
