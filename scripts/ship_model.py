@@ -69,8 +69,8 @@ def model_card(rec: EmotionRecognizer, reports: dict, history: list, steps: int 
     run_config = run_config or {}
     repeats = {src.get("spec"): src.get("repeat", 1) for src in run_config.get("train", [])}
     rav_times = {1: "once", 2: "twice"}.get(repeats.get("ravdess:train", 1), f"{repeats.get('ravdess:train', 1)} times")
-    selection = ("the mean of MELD dev and RAVDESS dev weighted F1" if run_config.get("select_on") == "mean"
-                 else "MELD dev weighted F1")
+    selection = ("highest mean of MELD dev and RAVDESS dev weighted F1" if run_config.get("select_on") == "mean"
+                 else "best MELD dev weighted F1")
     modalities = ", ".join(f"{m.name} ({m.source}, {m.feature_dim} features"
                            + (f", frames averaged in {m.frame_pooling}s" if m.frame_pooling > 1 else "") + ")" for m in a.modalities)
     aux = ""
@@ -110,7 +110,7 @@ acoustic features.
   labels (calm -> neutral, happy -> joy, sad -> sadness, angry -> anger, fearful -> fear,
   disgust -> disgust, surprised -> surprise); the missing modality masked. Class-weighted
   cross-entropy (inverse square root of frequency).{aux}
-- Selection: the checkpoint with the best {selection} among the evaluations so far.
+- Selection: the checkpoint with the {selection} among the evaluations so far.
 - Licences of the training data: MELD GPL-3.0; RAVDESS CC BY-NC-SA 4.0 (non-commercial,
   attribution, share-alike). Gemma-3-270M: the Gemma Terms of Use.
 
