@@ -50,4 +50,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     features = FeatureExtractor.options(**d.feature_extractor.ray_options()).bind(args)
     model = EmotionModel.options(**d.emotion_model.ray_options()).bind(args)
     context = ContextAggregator.options(**d.context_aggregator.ray_options()).bind(args, redis_url, model_label_set(config))
-    return Ingress.options(**d.ingress.ray_options()).bind(features, model, context, args)
+    return Ingress.options(**d.ingress.ray_options()).bind(features, model, context, {**args, "redis_url": redis_url})
