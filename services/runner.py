@@ -106,8 +106,25 @@ class LocalService:
                         return
             except Exception as exc:  # not up yet
                 last = exc
+            failed = self._deploy_failure()
+            if failed:  # e.g. a checkpoint whose shapes do not fit the model: say why, do not wait
+                self.stop()
+                raise RuntimeError(f"the service failed to deploy: {failed}")
             time.sleep(0.5)
         raise TimeoutError(f"the service did not become healthy within {timeout_s:.0f} s ({last})")
+
+    @staticmethod
+    def _deploy_failure() -> str | None:
+        from ray import serve
+
+        try:
+            app = serve.status().applications.get("tracker")
+        except Exception:
+            return None
+        if app is None or str(app.status) not in ("DEPLOY_FAILED", "ApplicationStatus.DEPLOY_FAILED"):
+            return None
+        details = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+        return (app.message or "") + (" | " + " | ".join(details) if details else "")
 
     def stop(self) -> None:
         import ray
