@@ -318,12 +318,13 @@ def test_fuzz_ten_thousand_hostile_messages_each_get_their_documented_error_whil
         async with sem, websockets.connect(url, additional_headers=headers, max_size=2**24) as ws:
             await ws.send(json.dumps({"type": "start", "conversation_id": f"fz-{uuid.uuid4().hex[:8]}", "channels": 2,
                                       "speakers": speakers}))
+            reader = asyncio.create_task(drain(ws, until="stopped", timeout=240))  # read while sending
             for i, (msg, _) in enumerate(script):
                 await ws.send(msg)
                 if i % 50 == 0:
                     await ws.send(b"\x00\x00\x00\x00" * 160)  # well-formed silence in between: no answer
             await ws.send(json.dumps({"type": "stop"}))
-            msgs = await drain(ws, until="stopped", timeout=240)
+            msgs = await reader
         codes = [m["code"] for m in msgs if m["type"] == "error"]
         assert all(not m["fatal"] for m in msgs if m["type"] == "error")
         return codes, [c for _, c in script], msgs[-1]
