@@ -217,7 +217,8 @@ def test_slow_dashboard_consumer_catches_up_from_redis_with_every_result_once(se
     watch_url = f"ws://{service.host}:{service.port}/v1/watch?conversation_id={cid}"
 
     async def slow_watcher(done: asyncio.Event) -> tuple[list[dict], int]:
-        """Reads nothing while the call runs, then one message per 20 ms; reconnects after `after`."""
+        """Reads nothing while the call runs, then one message per 20 ms, drops its connection once
+        half way (as a flaky network would), and resumes after the last `entry_id` it has."""
         seen: list[dict] = []
         reconnects = 0
         last = "0-0"
@@ -225,16 +226,18 @@ def test_slow_dashboard_consumer_catches_up_from_redis_with_every_result_once(se
             async with websockets.connect(f"{watch_url}&after={last}", additional_headers=service.auth_headers,
                                           max_queue=2, write_limit=2**12) as ws:
                 if not seen:
-                    await done.wait()  # stalled: the server may not push more than the socket holds
+                    await done.wait()  # stalled while the whole call is stored
                 try:
                     while len(seen) < n:
                         msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
                         seen.append(msg)
                         last = msg["entry_id"]
                         await asyncio.sleep(0.02)
+                        if len(seen) == n // 2 and reconnects == 0:
+                            ws.transport.abort()  # unread messages in flight are lost with the connection
                     return seen, reconnects
                 except websockets.ConnectionClosed:
-                    reconnects += 1  # closed as a slow consumer (1013): catch up from Redis after `last`
+                    reconnects += 1  # dropped, or closed as a slow consumer (1013): catch up from Redis after `last`
                     if reconnects > 20:
                         raise
 
@@ -251,4 +254,5 @@ def test_slow_dashboard_consumer_catches_up_from_redis_with_every_result_once(se
     assert [m["utterance_id"] for m in seen] == [f"{cid}-{i}" for i in range(n)]  # all, in order, none twice
     assert [m["seq"] for m in seen] == sorted(m["seq"] for m in seen)
     assert {m["utterance_id"]: m["label"] for m in seen} == {m["utterance_id"]: m["label"] for m in msgs if m["type"] == "utterance"}
+    assert reconnects >= 1
     print(f"slow consumer: {len(seen)} results, {reconnects} reconnect(s)")
