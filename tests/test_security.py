@@ -25,7 +25,7 @@ from tests.fuzzgen import fatal_case, hostile_text
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
 
-LIMITS = {"max_messages_per_second": 400.0, "message_burst": 1500, "max_streams_per_key": 12, "max_watches_per_key": 12,
+LIMITS = {"max_messages_per_second": 50.0, "message_burst": 1500, "max_streams_per_key": 12, "max_watches_per_key": 12,
           "max_conversations_per_tenant": 5, "max_text_frame_chars": 700_000, "max_utterance_audio_bytes": 400_000,
           "max_utterance_chars": 2000}
 
@@ -81,7 +81,8 @@ async def drain(ws, until: str | None = None, timeout: float = 60) -> list[dict]
 
 async def converse(url: str, headers: dict, cid: str, texts: list[str], resume: bool = False, speaker: str = "A",
                    prefix: str = "u") -> list[dict]:
-    """A well-formed text-only conversation: start, one `utterance` per text, stop; every message back."""
+    """A well-formed text-only conversation: start, one `utterance` per text, stop; every message back
+    (on `resume`, the stored results the server re-sends first come back too)."""
     async with websockets.connect(url, additional_headers=headers) as ws:
         await ws.send(json.dumps({"type": "start", "conversation_id": cid, "speakers": [speaker], "resume": resume}))
         for i, text in enumerate(texts):
@@ -196,7 +197,7 @@ def test_tenant_b_cannot_list_read_stream_into_or_watch_tenant_a_conversations(s
         return got, more
 
     got, more = run(watch_as_b_while_a_talks())
-    assert got == [] and [m["utterance_id"] for m in more if m["type"] == "utterance"] == ["late0"]
+    assert got == [] and [m["utterance_id"] for m in more if m["type"] == "utterance"] == ["u0", "u1", "late0"]
 
     # stream "into" A's conversation id with B's key: it becomes B's own conversation, A's is untouched
     b = run(converse(url, bearer(key_b), cid, ["Injected line."], prefix="evil"))
@@ -262,7 +263,7 @@ def test_limits_answer_with_their_documented_codes_and_the_service_carries_on(se
             await ws.send(json.dumps({"type": "start", "conversation_id": f"other-{uuid.uuid4().hex[:6]}"}))
             other = json.loads(await ws.recv())["type"]
         await opened[0].close()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)  # the server frees the slot when it sees the close
         async with websockets.connect(url, additional_headers=bearer(key)) as ws:
             await ws.send(json.dumps({"type": "start", "conversation_id": f"again-{uuid.uuid4().hex[:6]}"}))
             again = json.loads(await ws.recv())["type"]
@@ -288,7 +289,7 @@ def test_limits_answer_with_their_documented_codes_and_the_service_carries_on(se
     msgs, code = run(sixth())
     assert code == P.LIMIT_EXCEEDED and [m["code"] for m in msgs] == [P.LIMIT_EXCEEDED] and "conversations" in msgs[0]["message"]
     more = run(converse(url, bearer(ckey), cids[0], ["still here"], resume=True, prefix="r"))
-    assert [m["utterance_id"] for m in more if m["type"] == "utterance"] == ["r0"]
+    assert [m["utterance_id"] for m in more if m["type"] == "utterance"] == ["u0", "r0"]  # the stored one re-sent, then the new
     health = httpx.get(f"{service.http_url}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["limit_refused"] >= 3
 
@@ -312,7 +313,7 @@ def test_fuzz_ten_thousand_hostile_messages_each_get_their_documented_error_whil
     speakers = ["Agent", "Caller"]
     scripts = [[hostile_text(rng, speakers, lim) for _ in range(FUZZ_PER_CONNECTION)] for _ in range(N_FUZZ_CONNECTIONS)]
     fatal = [fatal_case(rng, lim) for _ in range(N_FATAL)]
-    sem = asyncio.Semaphore(8)  # + the well-formed call: under max_streams_per_key
+    sem = asyncio.Semaphore(6)  # + the well-formed call: well under max_streams_per_key (slots free on the server's side a bit later)
 
     async def hostile_connection(script: list[tuple[str, int]]) -> tuple[list[int], list[int], dict]:
         async with sem, websockets.connect(url, additional_headers=headers, max_size=2**24) as ws:
