@@ -63,7 +63,7 @@ async def call(service, cid: str, n: int, gap_s: float, on_result=None, audio: b
     """One conversation of `n` utterance events sent `gap_s` apart without waiting for results; all messages back."""
     out: list[dict] = []
     async with websockets.connect(service.ws_url, additional_headers=service.auth_headers, max_size=2**24) as ws:
-        await ws.send(json.dumps({"type": "start", "conversation_id": cid, "speakers": ["Agent", "Caller"]}))
+        await ws.send(json.dumps({"type": "start", "conversation_id": cid, "channels": 2, "speakers": ["Agent", "Caller"]}))
 
         async def reader():
             async for raw in ws:
