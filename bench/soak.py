@@ -103,7 +103,8 @@ async def worker(url: str, headers: dict, utts: list[dict], rate: int, speakers:
         cid = f"soak-{w}-{uuid.uuid4().hex[:8]}"
         tally.conversations.append(cid)
         async with websockets.connect(url, additional_headers=headers, max_size=2**24) as ws:
-            await ws.send(json.dumps({"type": "start", "conversation_id": cid, "sample_rate": rate, "speakers": speakers}))
+            await ws.send(json.dumps({"type": "start", "conversation_id": cid, "sample_rate": rate, "channels": len(speakers),
+                                      "speakers": speakers}))
 
             async def reader():
                 async for raw in ws:
