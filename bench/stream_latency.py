@@ -77,10 +77,11 @@ def main() -> None:
     svc_args = {"model": {"checkpoint": args.checkpoint, "max_batch_size": args.max_batch_size},
                 "deployments": {"emotion_model": {"num_cpus": 1.0, "max_ongoing_requests": max(32, args.max_batch_size)}}}
     with LocalService(port=free_port(), args=svc_args) as svc:
-        asyncio.run(run_n(svc.ws_url, recs, 1, 8.0))  # warm-up
+        url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url  # the local API key
+        asyncio.run(run_n(url, recs, 1, 8.0))  # warm-up
         print(f"{'N':>3} {'utterances':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'utt/s':>7}")
         for n in args.n:
-            lat, count, secs = asyncio.run(run_n(svc.ws_url, recs, n, args.speed))
+            lat, count, secs = asyncio.run(run_n(url, recs, n, args.speed))
             ms = np.array(lat) * 1000
             print(f"{n:>3} {count:>10} {np.percentile(ms, 50):8.0f} {np.percentile(ms, 99):8.0f} {ms.max():8.0f} {count / secs:7.2f}", flush=True)
 

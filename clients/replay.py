@@ -42,14 +42,15 @@ def _record(utt, label: str, probabilities: dict[str, float]) -> dict[str, Any]:
             "text": utt.text, "gold": utt.label, "label": label, "probabilities": probabilities}
 
 
-async def _replay_conversation(url: str, conv: Conversation, run_id: str, speed: float, sample_rate: int = 16000) -> dict[str, dict]:
+async def _replay_conversation(url: str, conv: Conversation, run_id: str, speed: float, sample_rate: int = 16000,
+                               headers: dict[str, str] | None = None) -> dict[str, dict]:
     import websockets
 
     from tracker.audio.pcm import numpy_to_pcm16, read_audio
 
     speakers = list(dict.fromkeys(u.speaker for u in conv.utterances))
     results: dict[str, dict] = {}
-    async with websockets.connect(url, max_size=2**24) as ws:
+    async with websockets.connect(url, max_size=2**24, additional_headers=headers) as ws:
         await ws.send(json.dumps({"type": "start", "conversation_id": f"{run_id}-{conv.conversation_id}", "sample_rate": sample_rate,
                                   "channels": len(speakers), "speakers": speakers}))
 
@@ -77,7 +78,8 @@ async def _replay_conversation(url: str, conv: Conversation, run_id: str, speed:
     return results
 
 
-def replay_through_service(url: str, conversations: list[Conversation], speed: float = 0.0, concurrency: int = 4) -> list[dict[str, Any]]:
+def replay_through_service(url: str, conversations: list[Conversation], speed: float = 0.0, concurrency: int = 4,
+                           headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Send each conversation to a running service; conversations run `concurrency` at a time."""
     run_id = f"replay-{uuid.uuid4().hex[:6]}"
 
@@ -86,7 +88,7 @@ def replay_through_service(url: str, conversations: list[Conversation], speed: f
 
         async def one(conv: Conversation) -> dict[str, dict]:
             async with sem:
-                return await _replay_conversation(url, conv, run_id, speed)
+                return await _replay_conversation(url, conv, run_id, speed, headers=headers)
 
         return await asyncio.gather(*(one(c) for c in conversations))
 
@@ -108,7 +110,7 @@ def report_for(records: list[dict[str, Any]], labels: list[str]) -> Classificati
 
 
 def run_replay(data: str, checkpoint: str | None, through: str | None, speed: float, out_path: str | None,
-               report_path: str | None, limit: int = 0, batch_size: int = 8) -> int:
+               report_path: str | None, limit: int = 0, batch_size: int = 8, api_key: str | None = None) -> int:
     from tracker.model.recognizer import EmotionRecognizer
     from tracker.model.default import default_checkpoint
 
@@ -127,7 +129,9 @@ def run_replay(data: str, checkpoint: str | None, through: str | None, speed: fl
     if through:
         url = through.rstrip("/")
         url = url if url.endswith("/v1/stream") else url.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
-        records = replay_through_service(url, conversations, speed)
+        from clients.local import auth_headers, resolve_api_key
+
+        records = replay_through_service(url, conversations, speed, headers=auth_headers(resolve_api_key(api_key)))
     else:
         from tracker.audio.modalities import ModalityFeatures
 

@@ -57,7 +57,11 @@ class LiveView:
 
 
 def run_stream(url: str, file: str | None, mic: bool, transcript: str | None, speakers: list[str] | None,
-               speed: float, conversation_id: str | None, device: str | None, channels: int, seconds: float | None) -> int:
+               speed: float, conversation_id: str | None, device: str | None, channels: int, seconds: float | None,
+               api_key: str | None = None) -> int:
+    from clients.local import auth_headers, resolve_api_key
+
+    headers = auth_headers(resolve_api_key(api_key))
     transcripts, channel_names = read_transcripts(transcript) if transcript else ([], None)
     speakers = speakers or channel_names
     cid = conversation_id or f"stream-{uuid.uuid4().hex[:8]}"
@@ -73,7 +77,7 @@ def run_stream(url: str, file: str | None, mic: bool, transcript: str | None, sp
               f"as conversation {cid} at {speed:g}x ...", flush=True)
 
     async def go():
-        task = asyncio.create_task(stream_resumable(url, cid, rec, speed=speed, on_message=view))
+        task = asyncio.create_task(stream_resumable(url, cid, rec, speed=speed, on_message=view, headers=headers))
         if mic:
             try:
                 if seconds:

@@ -33,6 +33,14 @@ def resolve_redis_url(config: AppConfig) -> str:
     return server.url
 
 
+def verify_checkpoint(config: AppConfig) -> None:
+    """Config JSON and safetensors header of the served checkpoint; raises CheckpointError."""
+    from tracker.model.checkpoint import verify_files
+    from tracker.model.default import default_checkpoint
+
+    verify_files(default_checkpoint() if config.model.checkpoint == "default" else config.model.checkpoint)
+
+
 def model_label_set(config: AppConfig) -> dict[str, Any]:
     from tracker.model.checkpoint import read_config
     from tracker.model.default import default_checkpoint
@@ -45,6 +53,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """Compose the four deployments; `args` is an AppConfig as a mapping (validated here)."""
     config = load_app_config(args)
     args = dict(args or {})
+    verify_checkpoint(config)  # a corrupt checkpoint stops the deploy here, with the file and the reason
     redis_url = resolve_redis_url(config)
     d = config.deployments
     features = FeatureExtractor.options(**d.feature_extractor.ray_options()).bind(args)
@@ -55,4 +64,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         from services.refinement import RefinerModel
 
         extra["refiner"] = RefinerModel.options(**d.refiner.ray_options()).bind(args)
-    return Ingress.options(**d.ingress.ray_options()).bind(features, model, context, args, **extra)
+    return Ingress.options(**d.ingress.ray_options()).bind(features, model, context, {**args, "redis_url": redis_url}, **extra)

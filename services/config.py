@@ -12,6 +12,7 @@ from tracker.audio.features import FeatureExtractorConfig
 from tracker.audio.vad import VadConfig
 from tracker.config import ConfigError, load_dataclass
 from tracker.context.store import StoreConfig
+from services.auth import AuthConfig
 from services.session import SessionLimits
 
 
@@ -93,6 +94,7 @@ class AppConfig:
     vad: VadConfig = field(default_factory=VadConfig)
     features: FeatureExtractorConfig = field(default_factory=lambda: FeatureExtractorConfig(use_cache=False))
     limits: SessionLimits = field(default_factory=SessionLimits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     deployments: Deployments = field(default_factory=Deployments)
     refine: RefineServing = field(default_factory=RefineServing)
 

@@ -115,7 +115,11 @@ class EmotionModel:
 
 @serve.deployment
 class ContextAggregator:
-    """Dialogue history in Redis: past context for the model, idempotent storage of results."""
+    """Dialogue history in Redis: past context for the model, idempotent storage of results.
+
+    Every call names the tenant whose namespace it touches (the ingress passes the API key's
+    tenant); a store per tenant shares one Redis connection pool.
+    """
 
     def __init__(self, args: dict[str, Any], redis_url: str, label_set: dict[str, Any]):
         from tracker.context.store import AsyncConversationStore
@@ -123,46 +127,61 @@ class ContextAggregator:
 
         self.config = load_app_config(args)
         self.store = AsyncConversationStore(redis_url, self.config.store, LabelSet.from_dict(label_set))
+        self._stores = {self.store.tenant: self.store}
 
-    async def context(self, conversation_id: str, k: int) -> list[tuple[str, str]]:
-        return [(t.speaker, t.text) for t in await self.store.context(conversation_id, k)]
+    def _for(self, tenant: str):
+        if tenant not in self._stores:
+            self._stores[tenant] = self.store.with_tenant(tenant)
+        return self._stores[tenant]
 
-    async def final_record(self, conversation_id: str, utterance_id: str) -> dict[str, Any] | None:
-        return await self.store.get_final(conversation_id, utterance_id)
+    async def context(self, conversation_id: str, k: int, tenant: str = "default") -> list[tuple[str, str]]:
+        return [(t.speaker, t.text) for t in await self._for(tenant).context(conversation_id, k)]
 
-    async def record(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    async def final_record(self, conversation_id: str, utterance_id: str, tenant: str = "default") -> dict[str, Any] | None:
+        return await self._for(tenant).get_final(conversation_id, utterance_id)
+
+    async def record(self, conversation_id: str, record: dict[str, Any], tenant: str = "default") -> dict[str, Any]:
         """Store a final result once; a retried utterance id returns the record stored first."""
+        store = self._for(tenant)
         record = dict(record)
-        record["seq"] = await self.store.next_seq(conversation_id)
+        record["seq"] = await store.next_seq(conversation_id)
         record.setdefault("created_at", time.time())
-        stored, _ = await self.store.append(conversation_id, record)
+        stored, _ = await store.append(conversation_id, record)
         if stored:
             return record
-        existing = await self.store.get_final(conversation_id, record["utterance_id"])
+        existing = await store.get_final(conversation_id, record["utterance_id"])
         return existing if existing is not None else record
 
-    async def known(self, conversation_id: str) -> bool:
-        return await self.store.exists(conversation_id)
+    async def known(self, conversation_id: str, tenant: str = "default") -> bool:
+        return await self._for(tenant).exists(conversation_id)
 
-    async def finals(self, conversation_id: str) -> list[dict[str, Any]]:
-        return await self.store.history(conversation_id, finals_only=True)
+    async def count_conversations(self, tenant: str = "default") -> int:
+        return await self._for(tenant).count_conversations()
 
-    async def records(self, conversation_id: str) -> list[dict[str, Any]]:
+    async def finals(self, conversation_id: str, tenant: str = "default") -> list[dict[str, Any]]:
+        return await self._for(tenant).history(conversation_id, finals_only=True)
+
+    async def records(self, conversation_id: str, tenant: str = "default") -> list[dict[str, Any]]:
         """Every stored record, interim and final, oldest first (a refining session resuming)."""
-        return await self.store.history(conversation_id, finals_only=False)
+        return await self._for(tenant).history(conversation_id, finals_only=False)
 
-    async def list_conversations(self, limit: int = 50) -> list[dict[str, Any]]:
-        return await self.store.list_conversations(limit=limit)
+    async def list_conversations(self, limit: int = 50, tenant: str = "default") -> list[dict[str, Any]]:
+        return await self._for(tenant).list_conversations(limit=limit)
 
-    async def get_conversation(self, conversation_id: str) -> dict[str, Any] | None:
-        return await self.store.get_conversation(conversation_id)
+    async def get_conversation(self, conversation_id: str, tenant: str = "default") -> dict[str, Any] | None:
+        return await self._for(tenant).get_conversation(conversation_id)
 
-    async def end_conversation(self, conversation_id: str) -> None:
-        await self.store.end_conversation(conversation_id)
+    async def end_conversation(self, conversation_id: str, tenant: str = "default") -> None:
+        await self._for(tenant).end_conversation(conversation_id)
 
-    async def read_since(self, conversation_id: str, after: str, block_ms: int = 1000, count: int = 100) -> list[dict[str, Any]]:
+    async def read_since(self, conversation_id: str, after: str, block_ms: int = 1000, count: int = 100,
+                         tenant: str = "default") -> list[dict[str, Any]]:
         """Stored entries after stream id `after` (waits up to `block_ms` for new ones): the dashboard feed."""
-        return await self.store.read_since(conversation_id, after, block_ms=block_ms, count=count)
+        return await self._for(tenant).read_since(conversation_id, after, block_ms=block_ms, count=count)
 
     async def ping(self) -> bool:
         return await self.store.ping()
+
+    def redis_retries(self) -> int:
+        """Redis calls retried after a transient error (Redis down or restarting), all tenants."""
+        return sum(s.retries for s in self._stores.values())

@@ -1,24 +1,29 @@
 """The HTTP/WebSocket front door: FastAPI inside Ray Serve.
 
-Routes: WebSocket ``/v1/stream`` (docs/protocol.md), ``GET /v1/conversations``,
-``GET /v1/conversations/{id}``, ``GET /healthz``; OpenAPI docs at ``/docs``.
+Routes: WebSocket ``/v1/stream`` (docs/protocol.md), WebSocket ``/v1/watch``, ``GET /v1/conversations``,
+``GET /v1/conversations/{id}``, ``GET /v1/dashboard/config``, ``GET /healthz``; OpenAPI docs at ``/docs``.
+Every ``/v1`` route needs an API key and sees only the key's tenant (docs/security.md); ``/healthz``,
+the dashboard's static files and the API docs are public.
 """
 
 # No `from __future__ import annotations` here: Serve's class-based FastAPI views read the
 # annotations as written, and a string "WebSocket" makes the /v1/stream route reject every client.
 import asyncio
 import logging
+import os
 from typing import Any
 
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from services import protocol as P
+from services.auth import ANONYMOUS, SUBPROTOCOL, AsyncKeyStore, AuthError, Principal, key_from_request
 from services.config import load_app_config
+from services.limits import TokenBucket, is_replica_failure
 from services.session import StreamSession
 
 log = logging.getLogger(__name__)
@@ -34,27 +39,53 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "clients" / "dashboard"
 ALERT = {"k": 3, "m": 4, "clear": 1}  # escalation: >= k negative of a speaker's last m finals; clears at <= clear
 
 
+REPLICA_RETRY_S = 180.0  # how long an utterance is retried while a crashed replica is being replaced
+
+
 class ServePipeline:
-    """The StreamSession's pipeline, backed by the worker deployments' handles."""
+    """The StreamSession's pipeline, backed by the worker deployments' handles, for one tenant."""
 
     def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle, context_turns: int,
+                 tenant: str = "default", max_conversations: int = 10_000, stats: dict[str, int] | None = None,
                  refiner: DeploymentHandle | None = None, refine_info: dict[str, Any] | None = None):
         self.features = features
         self.model = model
         self.context = context
         self.context_turns = context_turns
+        self.tenant = tenant
+        self.max_conversations = max_conversations
+        self.stats = stats if stats is not None else {}
         self.refiner = refiner
         self.refine_info = refine_info  # set when conversation-level refinement is on (services/refinement.py)
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
-        existing = await self.context.final_record.remote(conversation_id, job["utterance_id"])
+        """Label and store one utterance; retried while a replica that died mid-request is replaced.
+
+        A retry is safe: a stored final is returned as it is, and storage is idempotent per utterance id.
+        """
+        deadline = asyncio.get_running_loop().time() + REPLICA_RETRY_S
+        delay = 0.2
+        while True:
+            try:
+                return await self._label_once(conversation_id, job)
+            except Exception as exc:
+                if not is_replica_failure(exc) or asyncio.get_running_loop().time() > deadline:
+                    raise
+                self.stats["replica_retries"] = self.stats.get("replica_retries", 0) + 1
+                log.warning("utterance %s: %s; retrying", job["utterance_id"], type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _label_once(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
+        t = self.tenant
+        existing = await self.context.final_record.remote(conversation_id, job["utterance_id"], tenant=t)
         if existing is not None:  # a retried utterance: answer with what is stored, label nothing again
             return existing
         async def features():
             return await self.features.extract.remote(job["pcm"], job["sample_rate"]) if job.get("pcm") else None
 
         async def context():
-            return await self.context.context.remote(conversation_id, self.context_turns) if self.context_turns else []
+            return await self.context.context.remote(conversation_id, self.context_turns, tenant=t) if self.context_turns else []
 
         feats, context = await asyncio.gather(features(), context())  # independent: one round trip, not two
         pred = await self.model.label.remote({"text": job["text"], "speaker": job["speaker"], "context": context,
@@ -68,7 +99,7 @@ class ServePipeline:
         }
         if not record["is_final"]:
             record["refine"] = True  # an interim label awaiting refinement: counts as context (tracker.context.ops)
-        return await self.context.record.remote(conversation_id, record)
+        return await self.context.record.remote(conversation_id, record, tenant=t)
 
     # -- conversation-level refinement (used by services.refinement.RefineStage)
     async def judge_windows(self, windows: list[list[dict[str, Any]]]) -> list[list[list[float]]]:
@@ -78,19 +109,27 @@ class ServePipeline:
         return await self.refiner.combine.remote(judgements, base_probs)
 
     async def store_record(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        return await self.context.record.remote(conversation_id, record)
+        return await self.context.record.remote(conversation_id, record, tenant=self.tenant)
 
     async def stored_records(self, conversation_id: str) -> list[dict[str, Any]]:
-        return await self.context.records.remote(conversation_id)
+        return await self.context.records.remote(conversation_id, tenant=self.tenant)
 
     async def conversation_known(self, conversation_id: str) -> bool:
-        return await self.context.known.remote(conversation_id)
+        return await self.context.known.remote(conversation_id, tenant=self.tenant)
+
+    async def admit_conversation(self, conversation_id: str) -> None:
+        """Refuse a new conversation once the tenant has `max_conversations` (a known one always goes on)."""
+        if await self.context.known.remote(conversation_id, tenant=self.tenant):
+            return
+        n = await self.context.count_conversations.remote(tenant=self.tenant)
+        if n >= self.max_conversations:
+            raise P.ProtocolError(P.LIMIT_EXCEEDED, f"this tenant has {n} conversations, the limit is {self.max_conversations}")
 
     async def stored_finals(self, conversation_id: str) -> list[dict[str, Any]]:
-        return await self.context.finals.remote(conversation_id)
+        return await self.context.finals.remote(conversation_id, tenant=self.tenant)
 
     async def end_conversation(self, conversation_id: str) -> None:
-        await self.context.end_conversation.remote(conversation_id)
+        await self.context.end_conversation.remote(conversation_id, tenant=self.tenant)
 
 
 @serve.deployment
@@ -104,14 +143,80 @@ class Ingress:
         self.refiner = refiner  # None: refinement off, every label final at once
         self._refine_info: dict[str, Any] | None = None
         self.open_streams = 0
+        self.stats: dict[str, int] = {"replica_retries": 0, "auth_refused": 0, "limit_refused": 0}
+        self._open: dict[tuple[str, str], int] = {}  # (route, key id) -> open connections on this replica
+        self.keys = None
+        if self.config.auth.enabled:
+            redis_url = args.get("redis_url") or self.config.redis_url or os.environ.get("REDIS_URL", "")
+            self.keys = AsyncKeyStore(redis_url, self.config.store.key_prefix, self.config.auth.keys)
 
-    async def _pipeline(self) -> ServePipeline:
+    async def _pipeline(self, principal: Principal = ANONYMOUS) -> ServePipeline:
         if self._context_turns is None:
             info = await self.model.info.remote()
             self._context_turns = int(info["context_turns"])
         if self.refiner is not None and self._refine_info is None:
             self._refine_info = await self.refiner.info.remote()
-        return ServePipeline(self.features, self.model, self.context, self._context_turns, self.refiner, self._refine_info)
+        return ServePipeline(self.features, self.model, self.context, self._context_turns, principal.tenant,
+                             self.config.limits.max_conversations_per_tenant, self.stats, self.refiner, self._refine_info)
+
+    # ------------------------------------------------------------------ authentication
+    async def _authenticate(self, key: str | None) -> Principal:
+        if self.keys is None:
+            return ANONYMOUS
+        try:
+            return await self.keys.authenticate(key)
+        except AuthError:
+            self.stats["auth_refused"] += 1
+            raise
+
+    async def _http_principal(self, request: Request) -> Principal:
+        """The request's principal, or 401 (no/unknown/revoked key) / 503 (the key store is unreachable)."""
+        try:
+            return await self._authenticate(key_from_request(request.headers, request.query_params))
+        except AuthError as exc:
+            raise HTTPException(status_code=401, detail={"code": P.UNAUTHORIZED, "message": str(exc)},
+                                headers={"WWW-Authenticate": "Bearer"}) from None
+        except Exception as exc:  # Redis down longer than the retry window
+            raise HTTPException(status_code=503, detail=f"key store unavailable: {type(exc).__name__}") from None
+
+    async def _ws_accept(self, ws: WebSocket, route: str, max_open: int) -> Principal | None:
+        """Accept a WebSocket and authenticate it; on refusal send the error, close, and return None.
+
+        Browsers cannot set headers on a WebSocket, so a key may also come as the subprotocol
+        ``bearer.<key>`` (offered with ``tracker.v1``, which the server then selects) or ``?token=``.
+        """
+        offered = list(ws.scope.get("subprotocols") or [])
+        chosen = SUBPROTOCOL if SUBPROTOCOL in offered else None
+        await ws.accept(subprotocol=chosen)
+        try:
+            principal = await self._authenticate(key_from_request(ws.headers, ws.query_params, offered))
+        except AuthError as exc:
+            await self._refuse(ws, P.UNAUTHORIZED, str(exc))
+            return None
+        except Exception as exc:
+            await self._refuse(ws, P.CLOSE_OVERLOADED, f"key store unavailable: {type(exc).__name__}")
+            return None
+        slot = (route, principal.key_id)
+        if self._open.get(slot, 0) >= max_open:
+            self.stats["limit_refused"] += 1
+            await self._refuse(ws, P.LIMIT_EXCEEDED, f"this API key already has {max_open} open {route} connections")
+            return None
+        self._open[slot] = self._open.get(slot, 0) + 1
+        return principal
+
+    def _release(self, route: str, principal: Principal) -> None:
+        slot = (route, principal.key_id)
+        self._open[slot] = self._open.get(slot, 1) - 1
+        if self._open[slot] <= 0:
+            del self._open[slot]
+
+    @staticmethod
+    async def _refuse(ws: WebSocket, code: int, message: str) -> None:
+        try:
+            await ws.send_json({"type": "error", "code": code, "message": message, "fatal": True})
+            await ws.close(code=code, reason=message[:120])
+        except Exception:
+            pass
 
     @api.get("/", include_in_schema=False)
     async def dashboard(self) -> FileResponse:
@@ -126,9 +231,11 @@ class Ingress:
         return FileResponse(target)
 
     @api.get("/v1/dashboard/config")
-    async def dashboard_config(self) -> dict[str, Any]:
+    async def dashboard_config(self, request: Request) -> dict[str, Any]:
         """What the dashboard needs to draw: labels, which are negative, their valence, the alert rule."""
         from tracker.labels import LabelSet
+
+        await self._http_principal(request)
 
         info = await self.model.info.remote()
         ls = LabelSet.from_dict(info["label_set_full"])
@@ -141,18 +248,23 @@ class Ingress:
         info = await self.model.info.remote()
         redis_ok = await self.context.ping.remote()
         return {"status": "ok" if redis_ok else "degraded", "redis": redis_ok, "model": info["backbone"],
-                "labels": info["label_set"], "open_streams": self.open_streams}
+                "labels": info["label_set"], "open_streams": self.open_streams, "auth": self.keys is not None,
+                **self.stats}
 
     @api.get("/v1/conversations")
-    async def conversations(self, limit: int = 50) -> dict[str, Any]:
-        """Live and recent conversations, most recently updated first."""
+    async def conversations(self, request: Request, limit: int = 50) -> dict[str, Any]:
+        """The key's tenant's live and recent conversations, most recently updated first."""
+        who = await self._http_principal(request)
         limit = max(1, min(int(limit), 500))
-        return {"conversations": await self.context.list_conversations.remote(limit)}
+        return {"conversations": await self.context.list_conversations.remote(limit, tenant=who.tenant)}
 
     @api.get("/v1/conversations/{conversation_id}")
-    async def conversation(self, conversation_id: str) -> dict[str, Any]:
-        """One conversation: its utterances with labels, and each speaker's rolling state."""
-        conv = await self.context.get_conversation.remote(conversation_id)
+    async def conversation(self, conversation_id: str, request: Request) -> dict[str, Any]:
+        """One conversation of the key's tenant: its utterances with labels, and each speaker's rolling state."""
+        who = await self._http_principal(request)
+        if not conversation_id or len(conversation_id) > P.MAX_ID_CHARS:
+            raise HTTPException(status_code=404, detail="unknown conversation")
+        conv = await self.context.get_conversation.remote(conversation_id, tenant=who.tenant)
         if conv is None:
             raise HTTPException(status_code=404, detail=f"unknown conversation {conversation_id!r}")
         return conv
@@ -180,7 +292,15 @@ class Ingress:
         never makes the server buffer: it simply catches up from Redis. A dashboard that reconnects
         passes the last `entry_id` it saw as `after` and misses nothing.
         """
-        await ws.accept()
+        who = await self._ws_accept(ws, "watch", self.config.limits.max_watches_per_key)
+        if who is None:
+            return
+        try:
+            await self._watch(ws, who, conversation_id, after)
+        finally:
+            self._release("watch", who)
+
+    async def _watch(self, ws: WebSocket, who: Principal, conversation_id: str, after: str) -> None:
         if not conversation_id or len(conversation_id) > P.MAX_ID_CHARS:
             await ws.send_json({"type": "error", "code": P.INVALID_FIELD, "fatal": True,
                                 "message": f"conversation_id must have 1 to {P.MAX_ID_CHARS} characters"})
@@ -198,11 +318,17 @@ class Ingress:
 
         listener = asyncio.create_task(watch_disconnect())
         last = after or "0-0"
+        timeout = self.config.limits.watch_send_timeout_s
         try:
             while not gone.is_set():
-                entries = await self.context.read_since.remote(conversation_id, last, 1000, 200)
+                entries = await self.context.read_since.remote(conversation_id, last, 1000, 200, tenant=who.tenant)
                 for entry in entries:
-                    await ws.send_json({"type": "utterance", "conversation_id": conversation_id, **entry})
+                    try:  # a consumer too slow to take one message is closed; it catches up from Redis
+                        await asyncio.wait_for(ws.send_json({"type": "utterance", "conversation_id": conversation_id,
+                                                             **entry}), timeout)
+                    except asyncio.TimeoutError:
+                        await self._refuse(ws, P.CLOSE_OVERLOADED, f"slow consumer: reconnect with after={last}")
+                        return
                     last = entry["entry_id"]
         except ValueError as exc:
             cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's exception
@@ -213,11 +339,33 @@ class Ingress:
         finally:
             listener.cancel()
 
+    def _over_limit(self, msg: dict[str, Any], bucket: TokenBucket) -> P.ProtocolError | None:
+        """The connection-level limits, checked before a frame is parsed: rate and text frame size."""
+        limits = self.config.limits
+        if not bucket.take():
+            return P.ProtocolError(P.LIMIT_EXCEEDED, f"more than {limits.max_messages_per_second:g} messages per second "
+                                                     f"(burst {limits.message_burst}); slow down")
+        text = msg.get("text")
+        if text is not None and len(text) > limits.max_text_frame_chars:
+            return P.ProtocolError(P.FRAME_TOO_LARGE, f"text frame of {len(text)} characters exceeds the limit of "
+                                                      f"{limits.max_text_frame_chars}")
+        return None
+
     @api.websocket("/v1/stream")
     async def stream(self, ws: WebSocket) -> None:
-        await ws.accept()
+        who = await self._ws_accept(ws, "stream", self.config.limits.max_streams_per_key)
+        if who is None:
+            return
+        try:
+            await self._stream(ws, who)
+        finally:
+            self._release("stream", who)
+
+    async def _stream(self, ws: WebSocket, who: Principal) -> None:
         self.open_streams += 1
         closed = False
+        limits = self.config.limits
+        bucket = TokenBucket(limits.max_messages_per_second, limits.message_burst)
 
         async def send(message: dict[str, Any]) -> None:
             if closed:
@@ -227,13 +375,19 @@ class Ingress:
             except Exception:  # the peer went away mid-send
                 pass
 
-        session = StreamSession(await self._pipeline(), send, self.config.vad, self.config.limits)
+        session = StreamSession(await self._pipeline(who), send, self.config.vad, self.config.limits)
         code, reason = P.CLOSE_NORMAL, "stopped"
         try:
             while True:
                 msg = await ws.receive()
                 if msg["type"] == "websocket.disconnect":
                     code = None
+                    break
+                refused = self._over_limit(msg, bucket)
+                if refused is not None:
+                    self.stats["limit_refused"] += 1
+                    await send(refused.to_message())
+                    code, reason = refused.code, refused.message[:120]
                     break
                 if msg.get("bytes") is not None:
                     await session.on_binary(msg["bytes"])

@@ -33,8 +33,10 @@ BAD_AUDIO = 4008  # a binary frame that is not whole PCM16 samples for the decla
 UNKNOWN_CONVERSATION = 4009  # resume of a conversation the server does not know (fatal)
 PROCESSING_FAILED = 4010  # one utterance could not be labelled (the stream goes on)
 LIMIT_EXCEEDED = 4029  # a rate or size limit of the service (fatal)
+UNAUTHORIZED = 4401  # no API key, a malformed one, or one that is unknown or revoked (fatal)
 
-FATAL = {NOT_STARTED, UNSUPPORTED_AUDIO, FRAME_TOO_LARGE, AFTER_STOP, BAD_AUDIO, UNKNOWN_CONVERSATION, LIMIT_EXCEEDED}
+FATAL = {NOT_STARTED, UNSUPPORTED_AUDIO, FRAME_TOO_LARGE, AFTER_STOP, BAD_AUDIO, UNKNOWN_CONVERSATION, LIMIT_EXCEEDED,
+         UNAUTHORIZED}
 
 CLIENT_TYPES = ("start", "transcript", "utterance", "keepalive", "finalize", "stop")
 SUPPORTED_RATES = (8000, 16000, 32000, 48000)
@@ -112,6 +114,10 @@ def _text(obj: dict, name: str, required: bool = True, max_chars: int = MAX_TEXT
     value = _require(obj, name, (str,), "a string")
     if len(value) > max_chars:
         raise ProtocolError(INVALID_FIELD, f"field '{name}' is longer than {max_chars} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\\ud800" escape: not text we can store
+        raise ProtocolError(INVALID_FIELD, f"field '{name}' is not valid Unicode (lone surrogate)") from None
     if not allow_empty and not value.strip():
         raise ProtocolError(INVALID_FIELD, f"field '{name}' must not be empty")
     return value
@@ -167,7 +173,7 @@ def parse_start(obj: dict[str, Any]) -> Start:
     if not isinstance(speakers, list) or len(speakers) != channels:
         raise ProtocolError(INVALID_FIELD, f"field 'speakers' must be a list of {channels} names, one per channel")
     for s in speakers:
-        if not isinstance(s, str) or not s.strip() or len(s) > MAX_ID_CHARS:
+        if not isinstance(s, str) or not s.strip() or len(s) > MAX_ID_CHARS or not _encodable(s):
             raise ProtocolError(INVALID_FIELD, "field 'speakers' must hold non-empty names of at most 128 characters")
     if len(set(speakers)) != len(speakers):
         raise ProtocolError(INVALID_FIELD, "field 'speakers' must not repeat a name")
@@ -184,22 +190,31 @@ def parse_start(obj: dict[str, Any]) -> Start:
                  resume=resume, **ints)
 
 
-def parse_transcript(obj: dict[str, Any], speakers: list[str]) -> Transcript:
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def parse_transcript(obj: dict[str, Any], speakers: list[str], max_chars: int = MAX_TEXT_CHARS) -> Transcript:
     speaker = _text(obj, "speaker", max_chars=MAX_ID_CHARS)
     if speaker not in speakers:
         raise ProtocolError(INVALID_FIELD, f"field 'speaker': {speaker[:40]!r} is not one of this stream's speakers")
-    text = _text(obj, "text")
+    text = _text(obj, "text", max_chars=max_chars)
     start, end = _time(obj, "start_ms"), _time(obj, "end_ms")
     if end <= start:
         raise ProtocolError(INVALID_FIELD, f"field 'end_ms' must be after start_ms ({start}), got {end}")
     return Transcript(speaker=speaker, text=text, start_ms=start, end_ms=end)
 
 
-def parse_utterance(obj: dict[str, Any], speakers: list[str], max_audio_bytes: int) -> UtteranceEvent:
+def parse_utterance(obj: dict[str, Any], speakers: list[str], max_audio_bytes: int,
+                    max_chars: int = MAX_TEXT_CHARS) -> UtteranceEvent:
     speaker = _text(obj, "speaker", max_chars=MAX_ID_CHARS)
     if speaker not in speakers:
         raise ProtocolError(INVALID_FIELD, f"field 'speaker': {speaker[:40]!r} is not one of this stream's speakers")
-    text = _text(obj, "text", required=False) or ""
+    text = _text(obj, "text", required=False, max_chars=max_chars) or ""
     uid = _text(obj, "utterance_id", required=False, max_chars=MAX_ID_CHARS, allow_empty=False)
     start, end = _time(obj, "start_ms", required=False), _time(obj, "end_ms", required=False)
     if start is not None and end is not None and end <= start:

@@ -31,6 +31,8 @@ class LocalService:
     port: int = 8000
     args: dict[str, Any] = field(default_factory=dict)
     num_cpus: int | None = None
+    api_key: str | None = None  # a key to reuse if it is valid in this Redis; else start() creates one
+    key_tenant: str = "default"
     _redis: Any = None
     _ray_started: bool = False
     _running: bool = False
@@ -42,6 +44,31 @@ class LocalService:
     @property
     def ws_url(self) -> str:
         return f"ws://{self.host}:{self.port}/v1/stream"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """Headers that authenticate as the local key (empty when auth is off)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @property
+    def redis_url(self) -> str:
+        return self.args.get("redis_url") or os.environ.get("REDIS_URL", "")
+
+    def _ensure_key(self) -> None:
+        """The embedded default's local key: reuse `api_key` if this Redis knows it, else create one."""
+        from services.auth import KeyStore
+        from services.config import load_app_config
+
+        config = load_app_config(self.args)
+        if not config.auth.enabled:
+            self.api_key = None
+            return
+        keys = KeyStore(self.redis_url, config.store.key_prefix)
+        try:
+            if not (self.api_key and keys.verify(self.api_key)):
+                self.api_key, _ = keys.create(self.key_tenant, name="local (tracker serve)")
+        finally:
+            keys.redis.close()
 
     def start(self, timeout_s: float = 300.0) -> "LocalService":
         for k, v in RAY_ENV.items():
@@ -57,6 +84,7 @@ class LocalService:
             self._redis = EmbeddedRedis()
             self._redis.start()
             self.args = {**self.args, "redis_url": self._redis.url}
+        self._ensure_key()
         if not ray.is_initialized():
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False)
@@ -78,8 +106,25 @@ class LocalService:
                         return
             except Exception as exc:  # not up yet
                 last = exc
+            failed = self._deploy_failure()
+            if failed:  # e.g. a checkpoint whose shapes do not fit the model: say why, do not wait
+                self.stop()
+                raise RuntimeError(f"the service failed to deploy: {failed}")
             time.sleep(0.5)
         raise TimeoutError(f"the service did not become healthy within {timeout_s:.0f} s ({last})")
+
+    @staticmethod
+    def _deploy_failure() -> str | None:
+        from ray import serve
+
+        try:
+            app = serve.status().applications.get("tracker")
+        except Exception:
+            return None
+        if app is None or str(app.status) not in ("DEPLOY_FAILED", "ApplicationStatus.DEPLOY_FAILED"):
+            return None
+        details = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+        return (app.message or "") + (" | " + " | ".join(details) if details else "")
 
     def stop(self) -> None:
         import ray

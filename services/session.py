@@ -37,13 +37,42 @@ class Pipeline(Protocol):
 
     async def stored_finals(self, conversation_id: str) -> list[dict[str, Any]]: ...
 
+    # optional: ``async def admit_conversation(conversation_id)`` raises ProtocolError(LIMIT_EXCEEDED) to refuse a start
+
 
 @dataclass
 class SessionLimits:
-    max_frame_bytes: int = 256 * 1024  # one binary frame
-    max_utterance_audio_bytes: int = 2 * 1024 * 1024  # base64-decoded audio of one `utterance` event
-    max_queue: int = 64  # utterances waiting for labels before the stream is closed as overloaded
+    """Limits of the service (docs/protocol.md, "Limits"); each has a documented error or close code."""
+
+    max_frame_bytes: int = 256 * 1024  # one binary frame (4005)
+    max_text_frame_chars: int = 4 * 1024 * 1024  # one text frame, e.g. an `utterance` with base64 audio (4005)
+    max_utterance_audio_bytes: int = 2 * 1024 * 1024  # base64-decoded audio of one `utterance` event (4002)
+    max_utterance_chars: int = 4000  # text of one transcript or utterance (4002)
+    max_queue: int = 64  # utterances waiting for labels before the stream is closed as overloaded (4029)
     transcript_wait_ms: int = 400  # how long a segment waits for its transcript (stream time)
+    max_messages_per_second: float = 200.0  # sustained client frames per second per connection (4029)
+    message_burst: int = 400  # frames a connection may send at once above that rate (4029)
+    max_streams_per_key: int = 32  # open /v1/stream connections per API key, per ingress replica (4029)
+    max_watches_per_key: int = 32  # open /v1/watch connections per API key, per ingress replica (4029)
+    max_conversations_per_tenant: int = 10_000  # live and recent (unexpired) conversations of a tenant (4029)
+    watch_send_timeout_s: float = 30.0  # a dashboard that takes longer to accept one message is closed (1013)
+
+    def __post_init__(self) -> None:
+        from tracker.config import ConfigError
+
+        for name in ("max_frame_bytes", "max_text_frame_chars", "max_utterance_audio_bytes", "max_utterance_chars",
+                     "max_queue", "message_burst", "max_streams_per_key", "max_watches_per_key",
+                     "max_conversations_per_tenant"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        if self.transcript_wait_ms < 0:
+            raise ConfigError(f"transcript_wait_ms: must be >= 0, got {self.transcript_wait_ms!r}")
+        if not self.max_messages_per_second > 0:
+            raise ConfigError(f"max_messages_per_second: must be > 0, got {self.max_messages_per_second!r}")
+        if not self.watch_send_timeout_s > 0:
+            raise ConfigError(f"watch_send_timeout_s: must be > 0, got {self.watch_send_timeout_s!r}")
+        if self.max_frame_bytes % 2:
+            raise ConfigError(f"max_frame_bytes: must be even (whole PCM16 samples), got {self.max_frame_bytes}")
 
 
 @dataclass
@@ -110,10 +139,11 @@ class StreamSession:
             if self.start is None:
                 raise P.ProtocolError(P.NOT_STARTED, f"'{kind}' before 'start': send a start message first")
             if kind == "transcript":
-                self._transcripts.append(P.parse_transcript(obj, self.start.speakers))
+                self._transcripts.append(P.parse_transcript(obj, self.start.speakers, self.limits.max_utterance_chars))
                 self._release()
             elif kind == "utterance":
-                ev = P.parse_utterance(obj, self.start.speakers, self.limits.max_utterance_audio_bytes)
+                ev = P.parse_utterance(obj, self.start.speakers, self.limits.max_utterance_audio_bytes,
+                                       self.limits.max_utterance_chars)
                 self._enqueue(self._job_from_event(ev))
             elif kind == "keepalive":
                 pass
@@ -149,6 +179,9 @@ class StreamSession:
         if start.resume and start.resume_after_seq > 0 and not await self.pipeline.conversation_known(start.conversation_id):
             # the client holds results of a conversation the server does not know: a wrong id, or expired
             raise P.ProtocolError(P.UNKNOWN_CONVERSATION, f"cannot resume unknown conversation {start.conversation_id!r}")
+        admit = getattr(self.pipeline, "admit_conversation", None)
+        if admit is not None:  # tenant limits (raises LIMIT_EXCEEDED)
+            await admit(start.conversation_id)
         self.start = start
         self._segmenters = [StreamingSegmenter(self.vad_config, start.sample_rate) for _ in range(start.channels)]
         self._channel_offset = [float(offset)] * start.channels

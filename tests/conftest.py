@@ -37,8 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_test_service(checkpoint, extra_args: dict | None = None, **model_overrides):
-    """The real service (Ray Serve + embedded Redis) on a free loopback port, sized for 2 test cores."""
+def start_test_service(checkpoint, extra_args: dict | None = None, *, limits: dict | None = None,
+                       redis_url: str | None = None, **model_overrides):
+    """The real service (Ray Serve + embedded Redis) on a free loopback port, sized for 2 test cores.
+
+    Authentication is on, as in production: the service's local key is ``svc.api_key`` (tenant
+    ``default``) and ``svc.auth_headers`` sends it.
+    """
     from services.runner import LocalService
 
     args = {**(extra_args or {}),
@@ -48,4 +53,8 @@ def start_test_service(checkpoint, extra_args: dict | None = None, **model_overr
             "emotion_model": {"num_cpus": 0.5, "max_ongoing_requests": 16}, "context_aggregator": {"num_cpus": 0.1},
         },
     }
+    if limits:
+        args["limits"] = limits
+    if redis_url:
+        args["redis_url"] = redis_url
     return LocalService(port=free_port(), args=args, num_cpus=2).start(timeout_s=240)

@@ -170,7 +170,7 @@ class Streamer:
     def __init__(self, service, conversation_id: str):
         from websockets.sync.client import connect
 
-        self.ws = connect(service.ws_url, open_timeout=30).__enter__()  # (entered: no legacy warning)
+        self.ws = connect(service.ws_url, open_timeout=30, additional_headers=service.auth_headers).__enter__()  # (entered: no legacy warning)
         self.conversation_id = conversation_id
         self.ws.send(json.dumps({"type": "start", "conversation_id": conversation_id, "sample_rate": 16000,
                                  "channels": 2, "speakers": SPEAKERS}))
@@ -229,7 +229,7 @@ def test_dashboard_follows_a_live_call_with_timeline_badges_alert_hysteresis_and
     from playwright.sync_api import expect
 
     cid = f"dash-{uuid.uuid4().hex[:8]}"
-    page.goto(service.http_url + "/")
+    page.goto(f"{service.http_url}/#key={service.api_key}")  # the key rides in the fragment, never to the server
     expect(page.get_by_test_id("label-legend")).to_contain_text("anger")  # the config was loaded
 
     call = stream(cid)
@@ -244,7 +244,7 @@ def test_dashboard_follows_a_live_call_with_timeline_badges_alert_hysteresis_and
             expect(item).to_be_visible(timeout=15_000)
             expect(item.get_by_test_id("status-badge")).to_have_text("live")
             item.click()
-            assert page.evaluate("location.hash") == f"#conversation={cid}"
+            assert page.evaluate("location.hash") == f"#conversation={cid}"  # (the key was taken out of it)
         expect(row(page, uid)).to_have_attribute("data-final", "true", timeout=20_000)
         expect(row(page, uid)).to_have_attribute("data-label", label)
         expect(page.get_by_test_id(f"badge-{speaker}")).to_contain_text(label)
@@ -313,7 +313,7 @@ def test_provisional_label_is_replaced_by_the_final_and_marked_revised(service, 
     from tracker.labels import MELD7
 
     cid = f"dash-rev-{uuid.uuid4().hex[:8]}"
-    page.goto(f"{service.http_url}/#conversation={cid}")  # selected before the call even exists
+    page.goto(f"{service.http_url}/#conversation={cid}&key={service.api_key}")  # selected before the call even exists
     expect(page.get_by_test_id("conversation-title")).to_have_text(cid)
 
     store = ConversationStore(service.args["redis_url"], label_set=MELD7)
@@ -347,3 +347,39 @@ def test_provisional_label_is_replaced_by_the_final_and_marked_revised(service, 
     item = page.locator(f'[data-testid="conversation-item"][data-id="{cid}"]')
     expect(item.get_by_test_id("status-badge")).to_have_text("ended", timeout=15_000)
     expect(page.get_by_test_id("conversation-status")).to_have_text("ended", timeout=15_000)
+
+
+def test_dashboard_asks_for_a_key_and_shows_only_its_tenants_calls(service, page, stream):
+    """The page is public, its data is not: no key or a wrong one gets the key form, and a key of
+    another tenant sees none of this tenant's calls, in the list or through the watch feed."""
+    from playwright.sync_api import expect
+
+    from services.auth import KeyStore
+
+    cid = f"dash-auth-{uuid.uuid4().hex[:8]}"
+    call = stream(cid)
+    call.say("a-1", "Customer", ANGRY[0])
+
+    page.goto(f"{service.http_url}/#conversation={cid}")
+    expect(page.get_by_test_id("key-form")).to_be_visible(timeout=10_000)
+    assert page.locator('[data-testid="conversation-item"]').count() == 0
+    page.get_by_test_id("key-input").fill("trk_00000000_" + "x" * 43)  # well formed, unknown
+    page.get_by_test_id("key-submit").click()
+    expect(page.get_by_test_id("key-message")).to_contain_text("refused", timeout=10_000)
+    expect(page.locator('[data-testid="transcript-row"]')).to_have_count(0)
+
+    other, _ = KeyStore(service.args["redis_url"]).create("dash-other-tenant", name="test")
+    page.get_by_test_id("key-input").fill(other)
+    page.get_by_test_id("key-submit").click()
+    expect(page.get_by_test_id("key-form")).to_be_hidden(timeout=10_000)
+    page.wait_for_function("window.trackerDashboard.feed === 'live'", timeout=20_000)
+    call.say("a-2", "Agent", CALM[2])
+    time.sleep(2.5)  # a list poll and a watch read later: still nothing of the other tenant's call
+    assert page.locator('[data-testid="conversation-item"]').count() == 0
+    expect(page.locator('[data-testid="transcript-row"]')).to_have_count(0)
+
+    page.evaluate(f"location.hash = '#conversation={cid}&key={service.api_key}'")  # the right key, via the fragment
+    expect(row(page, "a-2")).to_have_attribute("data-final", "true", timeout=20_000)
+    assert rows_per_utterance(page) == {"a-1": 1, "a-2": 1}
+    assert "key=" not in page.evaluate("location.hash")
+    call.stop()

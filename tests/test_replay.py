@@ -43,7 +43,7 @@ def test_replay_through_the_service_gives_the_same_labels_as_in_process(tiny_che
     rec = EmotionRecognizer.from_pretrained(tiny_checkpoint, backbone=tiny_backbone)
     local = replay_in_process(rec, convs)
     with start_test_service(tiny_checkpoint) as svc:
-        remote = replay_through_service(svc.ws_url, convs, speed=0, concurrency=3)
+        remote = replay_through_service(svc.ws_url, convs, speed=0, concurrency=3, headers=svc.auth_headers)
     assert [r["utterance_id"] for r in remote] == [r["utterance_id"] for r in local]
     assert [r["label"] for r in remote] == [r["label"] for r in local]
     for a, b in zip(remote, local):

@@ -80,7 +80,7 @@ def test_voiced_two_speaker_call_yields_one_final_result_per_utterance_in_order_
     cid = f"it-{uuid.uuid4().hex[:8]}"
     rec = Recording(voiced.samples, voiced.sample_rate, voiced.speakers,
                     [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in voiced.utterances])
-    out = run(stream_recording(service.ws_url, cid, rec, speed=4.0))
+    out = run(stream_recording(service.ws_url, cid, rec, speed=4.0, headers=service.auth_headers))
     assert out.errors == []
     assert out.started["speakers"] == ["Alice", "Bob"]
     finals = [r for r in out.results if r["is_final"]]
@@ -101,10 +101,10 @@ def test_voiced_two_speaker_call_yields_one_final_result_per_utterance_in_order_
     # Redis holds the same utterances (read through REST and straight from the server)
     import httpx
 
-    conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30).json()
+    conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30, headers=service.auth_headers).json()
     stored = [(u["utterance_id"], u["label"], u["seq"]) for u in conv["utterances"]]
     assert stored == [(r["utterance_id"], r["label"], r["seq"]) for r in finals]
-    listed = httpx.get(f"{service.http_url}/v1/conversations", timeout=30).json()["conversations"]
+    listed = httpx.get(f"{service.http_url}/v1/conversations", timeout=30, headers=service.auth_headers).json()["conversations"]
     assert cid in [c["conversation_id"] for c in listed]
     raw = redis.Redis.from_url(service.args["redis_url"])
     stream_keys = [k for k in raw.scan_iter(match=f"*{cid}*stream*")]
@@ -118,7 +118,7 @@ def test_retried_utterance_is_stored_once(service):
     audio = base64.b64encode((np.sin(np.arange(8000) / 8) * 8000).astype("<i2").tobytes()).decode()
 
     async def session(resume: bool, after: int = 0) -> list[dict]:
-        async with websockets.connect(service.ws_url) as ws:
+        async with websockets.connect(service.ws_url, additional_headers=service.auth_headers) as ws:
             await ws.send(json.dumps({"type": "start", "conversation_id": cid, "sample_rate": 16000, "channels": 1,
                                       "speakers": ["Ann"], "resume": resume, "resume_after_seq": after}))
             ev = {"type": "utterance", "utterance_id": "u-1", "speaker": "Ann", "text": "I want a refund now.",
@@ -136,7 +136,7 @@ def test_retried_utterance_is_stored_once(service):
     third = run(session(True))  # a client that says it has nothing gets the stored result re-sent first
     assert [m["type"] for m in third][:2] == ["started", "utterance"] and third[1]["seq"] == seq
     assert second[0]["type"] == "started" and second[0]["final_utterance_ids"] == ["u-1"]
-    conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30).json()
+    conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30, headers=service.auth_headers).json()
     assert [u["utterance_id"] for u in conv["utterances"]] == ["u-1"]
 
 
@@ -145,7 +145,7 @@ def test_text_only_and_audio_only_utterances(service):
     audio = base64.b64encode((np.sin(np.arange(8000) / 5) * 6000).astype("<i2").tobytes()).decode()
 
     async def go():
-        async with websockets.connect(service.ws_url) as ws:
+        async with websockets.connect(service.ws_url, additional_headers=service.auth_headers) as ws:
             await ws.send(json.dumps({"type": "start", "conversation_id": cid, "channels": 1, "speakers": ["Ann"]}))
             await ws.send(json.dumps({"type": "utterance", "speaker": "Ann", "text": "Hello there.", "utterance_id": "t"}))
             await ws.send(json.dumps({"type": "utterance", "speaker": "Ann", "audio": audio, "utterance_id": "a"}))
@@ -160,8 +160,8 @@ def test_text_only_and_audio_only_utterances(service):
 # ---------------------------------------------------------------------------------------- bad input
 
 
-async def expect(url: str, messages: list, want_code: int, fatal: bool, start: bool = True) -> tuple[list[dict], int | None]:
-    async with websockets.connect(url, max_size=2**24) as ws:
+async def expect(service, messages: list, want_code: int, fatal: bool, start: bool = True) -> tuple[list[dict], int | None]:
+    async with websockets.connect(service.ws_url, max_size=2**24, additional_headers=service.auth_headers) as ws:
         if start:
             await ws.send(json.dumps({"type": "start", "conversation_id": f"bad-{uuid.uuid4().hex[:6]}", "channels": 1,
                                       "speakers": ["A"]}))
@@ -190,7 +190,7 @@ async def expect(url: str, messages: list, want_code: int, fatal: bool, start: b
     ],
 )
 def test_bad_input_gets_its_documented_error(service, name, messages, code, fatal, start):
-    msgs, close_code = run(expect(service.ws_url, messages, code, fatal, start))
+    msgs, close_code = run(expect(service, messages, code, fatal, start))
     errors = [m for m in msgs if m["type"] == "error"]
     assert [e["code"] for e in errors] == [code], (name, msgs)
     assert errors[0]["fatal"] is fatal
@@ -202,7 +202,7 @@ def test_bad_input_gets_its_documented_error(service, name, messages, code, fata
 
 def test_wrong_sample_rate_and_audio_after_stop(service):
     async def wrong_rate():
-        async with websockets.connect(service.ws_url) as ws:
+        async with websockets.connect(service.ws_url, additional_headers=service.auth_headers) as ws:
             await ws.send(json.dumps({"type": "start", "conversation_id": "r", "sample_rate": 44100}))
             return await collect(ws, until="__never__", timeout=30), ws.close_code
 
@@ -210,7 +210,7 @@ def test_wrong_sample_rate_and_audio_after_stop(service):
     assert code == 4004 and msgs[0]["code"] == 4004 and "44100" in msgs[0]["message"]
 
     async def after_stop():
-        async with websockets.connect(service.ws_url) as ws:
+        async with websockets.connect(service.ws_url, additional_headers=service.auth_headers) as ws:
             await ws.send(json.dumps({"type": "start", "conversation_id": f"as-{uuid.uuid4().hex[:6]}"}))
             await ws.send(json.dumps({"type": "stop"}))
             await ws.send(b"\x00\x00" * 160)
@@ -223,7 +223,7 @@ def test_wrong_sample_rate_and_audio_after_stop(service):
 
 def test_other_connections_keep_working_during_bad_input(service):
     async def good():
-        async with websockets.connect(service.ws_url) as ws:
+        async with websockets.connect(service.ws_url, additional_headers=service.auth_headers) as ws:
             await ws.send(json.dumps({"type": "start", "conversation_id": f"ok-{uuid.uuid4().hex[:6]}", "speakers": ["A"]}))
             for i in range(3):
                 await ws.send(json.dumps({"type": "utterance", "speaker": "A", "text": f"line {i}", "utterance_id": str(i)}))
@@ -233,8 +233,8 @@ def test_other_connections_keep_working_during_bad_input(service):
 
     async def bad():
         for payload in ["{", json.dumps({"type": 7}), json.dumps([])]:
-            await expect(service.ws_url, [payload], 0, False)
-        await expect(service.ws_url, [b"\x00" * 300000], 4005, True)
+            await expect(service, [payload], 0, False)
+        await expect(service, [b"\x00" * 300000], 4005, True)
 
     async def both():
         return await asyncio.gather(good(), bad())
@@ -243,7 +243,7 @@ def test_other_connections_keep_working_during_bad_input(service):
     assert [m["utterance_id"] for m in good_msgs if m["type"] == "utterance"] == ["0", "1", "2"]
     import httpx
 
-    assert httpx.get(f"{service.http_url}/healthz", timeout=30).json()["status"] == "ok"
+    assert httpx.get(f"{service.http_url}/healthz", timeout=30, headers=service.auth_headers).json()["status"] == "ok"
 
 
 def test_client_reconnect_mid_conversation_gives_exactly_one_final_result_per_utterance(service, voiced):
@@ -257,12 +257,12 @@ def test_client_reconnect_mid_conversation_gives_exactly_one_final_result_per_ut
     # the network drops twice: once mid-utterance, once in a gap between turns
     mid = (voiced.utterances[1]["start_ms"] + voiced.utterances[1]["end_ms"]) // 2
     gap = voiced.utterances[3]["end_ms"] + 300
-    out = run(stream_resumable(service.ws_url, cid, rec, speed=4.0, cut_at_ms=[mid, gap]))
+    out = run(stream_resumable(service.ws_url, cid, rec, speed=4.0, cut_at_ms=[mid, gap], headers=service.auth_headers))
     assert out.reconnects == 2 and out.duplicates == 0 and out.errors == []
     assert len(out.results) == len(TURNS)
     for truth in voiced.utterances:
         mine = [r for r in out.results if r["speaker"] == truth["speaker"]
                 and min(r["end_ms"], truth["end_ms"]) > max(r["start_ms"], truth["start_ms"])]
         assert len(mine) == 1, (truth, mine)
-    conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30).json()
+    conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30, headers=service.auth_headers).json()
     assert sorted(u["utterance_id"] for u in conv["utterances"]) == sorted(r["utterance_id"] for r in out.results)

@@ -44,8 +44,8 @@ def service(tmp_path_factory, tiny_backbone):
     svc.stop()
 
 
-async def converse(url: str, cid: str, lines, resume: bool = False, ids=None) -> list[dict]:
-    async with websockets.connect(url) as ws:
+async def converse(url: str, cid: str, lines, resume: bool = False, ids=None, headers=None) -> list[dict]:
+    async with websockets.connect(url, additional_headers=headers or {}) as ws:
         await ws.send(json.dumps({"type": "start", "conversation_id": cid, "channels": 2, "speakers": ["Ann", "Bob"],
                                   "resume": resume}))
         for i, (speaker, text) in enumerate(lines):
@@ -72,7 +72,7 @@ def test_interim_precedes_final_and_final_is_stored_once(service):
     import httpx
 
     cid = f"refine-{uuid.uuid4().hex[:8]}"
-    msgs = asyncio.run(converse(service.ws_url, cid, LINES))
+    msgs = asyncio.run(converse(service.ws_url, cid, LINES, headers=service.auth_headers))
     assert [m for m in msgs if m["type"] == "error"] == []
     wire = [("F" if m["is_final"] else "I") + m["utterance_id"][1:] for m in msgs if m["type"] == "utterance"]
     # t = 2 windows of 2: utterance i is final once utterance i+1 has arrived; the last one at stop
@@ -89,13 +89,13 @@ def test_interim_precedes_final_and_final_is_stored_once(service):
     entries = stream_entries(service, cid)
     assert [("F" if e["is_final"] == "1" else "I") + e["utterance_id"][1:] for e in entries] == wire
     # REST shows the finals, with what they revised
-    conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30).json()
+    conv = httpx.get(f"{service.http_url}/v1/conversations/{cid}", timeout=30, headers=service.auth_headers).json()
     assert [(u["utterance_id"], u["label"]) for u in conv["utterances"]] == [(f["utterance_id"], f["label"]) for f in finals]
     assert all(u["refined"] and u["judgements"] == 2 for u in conv["utterances"])
 
     # a reconnecting client retries the last two utterances and adds one: nothing is stored twice
     more = asyncio.run(converse(service.ws_url, cid, LINES[3:] + [("Bob", "Anything else today?")], resume=True,
-                                ids=["u3", "u4", "u5"]))
+                                ids=["u3", "u4", "u5"], headers=service.auth_headers))
     res = [m for m in more if m["type"] == "utterance"]
     retried = [m for m in res if m["utterance_id"] in ("u3", "u4")]
     assert {(m["utterance_id"], m["seq"], m["label"]) for m in retried} == {
@@ -118,7 +118,7 @@ def test_stream_client_waiting_for_finals_gets_one_per_utterance(service):
                     [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in voiced.utterances])
     seen = []
     out = asyncio.run(stream_recording(service.ws_url, f"refine-voiced-{uuid.uuid4().hex[:6]}", rec, speed=4.0,
-                                       on_message=seen.append))
+                                       on_message=seen.append, headers=service.auth_headers))
     assert out.errors == [] and out.duplicates == 0
     assert len(out.results) == 3 and all(r["is_final"] for r in out.results)
     interims = [m for m in seen if m.get("type") == "utterance" and not m["is_final"]]

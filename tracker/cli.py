@@ -220,6 +220,8 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
 
 
 def _start_service(args: argparse.Namespace):
+    """Start the local service; reuse the last local key if this Redis still knows it; record where it runs."""
+    from clients.local import read_state, write_state
     from services.runner import LOCAL_CONFIG, service_from_file
 
     overrides = {}
@@ -230,7 +232,18 @@ def _start_service(args: argparse.Namespace):
         service.args = {**service.args, "model": {**service.args.get("model", {}), "checkpoint": args.checkpoint}}
     if getattr(args, "refiner", None):
         service.args = {**service.args, "refine": {**service.args.get("refine", {}), "checkpoint": args.refiner}}
-    return service.start()
+    service.api_key = read_state().get("api_key")
+    service.start()
+    write_state(http_url=service.http_url, ws_url=service.ws_url, redis_url=service.redis_url, api_key=service.api_key)
+    return service
+
+
+def _print_key(service) -> None:
+    if service.api_key:
+        print(f"API key   {service.api_key}   (tenant {service.key_tenant}; send as 'Authorization: Bearer <key>')")
+        print(f"dashboard {service.http_url}/#key={service.api_key}")
+    else:
+        print("authentication is OFF (auth.enabled: false): do not expose this service")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -242,6 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving: WebSocket {service.ws_url}")
     print(f"         REST      {service.http_url}/v1/conversations   docs {service.http_url}/docs")
     print(f"         dashboard {service.http_url}/")
+    _print_key(service)
     print("Ctrl-C stops it.", flush=True)
     try:
         while True:
@@ -250,7 +264,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         service.stop()
+        _forget_service()
     return 0
+
+
+def _forget_service() -> None:
+    """The embedded Redis is gone with the service, and so is the key; keep it only for an external Redis."""
+    import os
+
+    from clients.local import read_state, remove_state, write_state
+
+    if os.environ.get("REDIS_URL"):
+        state = read_state()
+        write_state(api_key=state.get("api_key"), redis_url=state.get("redis_url"))
+    else:
+        remove_state()
 
 
 cmd_serve.configure = _configure_serve
@@ -279,6 +307,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     service = _start_service(args)
     print(f"service up in {time.time() - t0:.0f} s at {service.http_url}", flush=True)
+    _print_key(service)
     conversation_id = f"demo-{uuid.uuid4().hex[:8]}"
 
     def show(msg: dict) -> None:
@@ -295,10 +324,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"error {msg['code']}: {msg['message']}", flush=True)
 
     try:
-        out = asyncio.run(stream_recording(service.ws_url, conversation_id, recording, speed=args.speed, on_message=show))
+        out = asyncio.run(stream_recording(service.ws_url, conversation_id, recording, speed=args.speed, on_message=show,
+                                           headers=service.auth_headers))
         print(f"{len(out.results)} utterances labelled; stored in Redis as conversation {conversation_id}")
-        print(f"REST:      {service.http_url}/v1/conversations/{conversation_id}")
-        print(f"Dashboard: {service.http_url}/")
+        print(f"REST:      {service.http_url}/v1/conversations/{conversation_id}   (with the API key)")
+        print(f"Dashboard: {service.http_url}/#conversation={conversation_id}&key={service.api_key or ''}")
         if args.keep_serving or sys.stdin.isatty():
             print("The service keeps running; Ctrl-C stops it.", flush=True)
             try:
@@ -308,6 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 pass
     finally:
         service.stop()
+        _forget_service()
     return 0 if out.results else 1
 
 
@@ -326,6 +357,7 @@ def _configure_stream(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="sounddevice input device (index or name)")
     p.add_argument("--channels", type=int, default=1, help="microphone channels")
     p.add_argument("--seconds", type=float, default=None, help="stop the microphone after this long")
+    p.add_argument("--key", default=None, help="API key (default: $TRACKER_API_KEY, else the local service's key)")
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -336,7 +368,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         raise SystemExit("tracker stream: give a FILE or --mic (not both)")
     speakers = [s.strip() for s in args.speakers.split(",")] if args.speakers else None
     return run_stream(args.url, args.file, args.mic, args.transcript, speakers, args.speed, args.conversation_id,
-                      args.device, args.channels, args.seconds)
+                      args.device, args.channels, args.seconds, api_key=args.key)
 
 
 cmd_stream.configure = _configure_stream
@@ -352,17 +384,76 @@ def _configure_replay(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, help="write the metrics report as JSON here")
     p.add_argument("--limit", type=int, default=0, help="first N conversations only")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--key", default=None, help="API key with --through (default: $TRACKER_API_KEY, else the local service's key)")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Run recorded dialogues through the tracker; predictions as JSONL and metrics when labelled."""
     from clients.replay import run_replay
 
-    return run_replay(args.data, args.checkpoint, args.through, args.speed, args.out, args.report, args.limit, args.batch_size)
+    return run_replay(args.data, args.checkpoint, args.through, args.speed, args.out, args.report, args.limit, args.batch_size,
+                      api_key=args.key)
 
 
 cmd_replay.configure = _configure_replay
 command("replay", "replay recorded dialogues in-process or through a service")(cmd_replay)
+
+
+def _configure_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("key_id", nargs="?", help="revoke: the key id (the 8 hex characters after 'trk_')")
+    p.add_argument("--tenant", default=None, help="create: the tenant the key belongs to")
+    p.add_argument("--name", default="", help="create: a note on what the key is for")
+    p.add_argument("--redis-url", default=None, help="default: $REDIS_URL, else the running local service's Redis")
+    p.add_argument("--prefix", default="tracker", help="the store's key_prefix")
+    p.add_argument("--no-store", action="store_true",
+                   help="create: print a key and the auth.keys entry for a serve config, without touching Redis")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """API keys: create one for a tenant (shown once, stored hashed), list them, revoke one."""
+    import os
+    import time
+
+    from clients.local import read_state
+    from services.auth import KeyStore, check_tenant, generate_key, hash_key
+
+    if args.action == "create" and args.no_store:
+        tenant = check_tenant(args.tenant or "default")
+        key = generate_key()
+        print(key)
+        print(f"# serve config, applications[0].args.auth.keys:\n- {{sha256: {hash_key(key)}, tenant: {tenant}, name: {args.name!r}}}")
+        return 0
+    url = args.redis_url or os.environ.get("REDIS_URL") or read_state().get("redis_url")
+    if not url:
+        raise SystemExit("tracker keys: no Redis to use: pass --redis-url, set REDIS_URL, or start `tracker serve`")
+    store = KeyStore(url, args.prefix)
+    if args.action == "create":
+        if not args.tenant:
+            raise SystemExit("tracker keys create: --tenant is required")
+        key, rec = store.create(args.tenant, args.name)
+        print(key)
+        print(f"# key id {rec['key_id']}, tenant {rec['tenant']}: shown once, only its SHA-256 is stored", file=sys.stderr)
+        return 0
+    if args.action == "list":
+        rows = store.list()
+        print(f"{'key id':8s}  {'tenant':20s}  {'created (UTC)':19s}  {'status':8s}  name")
+        for r in rows:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(r["created_at"])))
+            status = "revoked" if r.get("revoked_at") else "active"
+            print(f"{r['key_id']:8s}  {r['tenant']:20s}  {created:19s}  {status:8s}  {r.get('name', '')}")
+        return 0
+    if not args.key_id:
+        raise SystemExit("tracker keys revoke: give the key id (see `tracker keys list`)")
+    if not store.revoke(args.key_id):
+        print(f"tracker keys revoke: no key with id {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+cmd_keys.configure = _configure_keys
+command("keys", "create, list or revoke API keys (each belongs to a tenant)")(cmd_keys)
 
 
 def build_parser() -> argparse.ArgumentParser:

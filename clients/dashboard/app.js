@@ -20,6 +20,60 @@
     return u.toString();
   };
 
+  // ------------------------------------------------------------------ the API key
+  // The page itself is public; every data call carries an API key (docs/security.md). The key
+  // comes from the URL fragment (#key=..., taken out of the address bar at once, never sent to
+  // the server in a URL) or from the key form, and is kept in sessionStorage for this tab.
+  const KEY_STORAGE = "tracker.apiKey";
+  let apiKey = null;
+  try { apiKey = sessionStorage.getItem(KEY_STORAGE); } catch (e) { /* storage disabled */ }
+
+  function setKey(key) {
+    apiKey = key || null;
+    try {
+      if (apiKey) sessionStorage.setItem(KEY_STORAGE, apiKey);
+      else sessionStorage.removeItem(KEY_STORAGE);
+    } catch (e) { /* storage disabled: the key lives as long as the page */ }
+  }
+
+  function takeKeyFromHash() {
+    const m = /(?:^#|&)key=([^&]*)/.exec(location.hash);
+    if (!m) return false;
+    setKey(decodeURIComponent(m[1]));
+    const rest = location.hash.replace(/(^#|&)key=[^&]*/, "$1").replace(/^#&/, "#").replace(/&$/, "");
+    history.replaceState(null, "", location.pathname + location.search + (rest === "#" ? "" : rest));
+    return true;
+  }
+  takeKeyFromHash();
+
+  const authed = (opts) => {
+    const o = { ...(opts || {}) };
+    o.headers = { ...(o.headers || {}) };
+    if (apiKey) o.headers.Authorization = "Bearer " + apiKey;
+    return o;
+  };
+  // browsers cannot set headers on a WebSocket: the key travels as a subprotocol next to tracker.v1
+  const wsProtocols = () => (apiKey ? ["tracker.v1", "bearer." + apiKey] : ["tracker.v1"]);
+
+  let keyRefused = false;
+  function needKey(message) {
+    keyRefused = true;
+    const form = document.getElementById("key-form");
+    if (!form) return;
+    form.hidden = false;
+    document.getElementById("key-message").textContent = message;
+    el("server-status").dataset.state = "locked";
+    el("server-status").title = message;
+  }
+
+  function keyEntered(key) {
+    setKey(key.trim());
+    keyRefused = false;
+    document.getElementById("key-form").hidden = true;
+    loadConfig();
+    if (conv) open(conv.id); // a fresh view under the new key (another tenant sees other calls)
+  }
+
   const POLL_MS = 2000;
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 10000;
@@ -112,7 +166,8 @@
   // ------------------------------------------------------------------ conversation list
   async function loadConfig() {
     try {
-      const r = await fetch(api("v1/dashboard/config"));
+      const r = await fetch(api("v1/dashboard/config"), authed());
+      if (r.status === 401) needKey(apiKey ? "this API key was refused (unknown or revoked)" : "enter an API key to see calls");
       if (r.ok) Object.assign(config, await r.json());
     } catch (e) {
       console.warn("dashboard config unavailable, using MELD defaults", e);
@@ -123,7 +178,14 @@
 
   async function pollConversations() {
     try {
-      const r = await fetch(api("v1/conversations?limit=50"), { cache: "no-store" });
+      const r = await fetch(api("v1/conversations?limit=50"), authed({ cache: "no-store" }));
+      if (r.status === 401) {
+        needKey(apiKey ? "this API key was refused (unknown or revoked)" : "enter an API key to see calls");
+        conversations = [];
+        renderList();
+        setTimeout(pollConversations, POLL_MS);
+        return;
+      }
       if (!r.ok) throw new Error(`HTTP ${r.status}`);
       conversations = (await r.json()).conversations || [];
       el("server-status").dataset.state = "ok";
@@ -241,7 +303,7 @@
 
   async function fetchMeta(state) {
     try {
-      const r = await fetch(api("v1/conversations/" + encodeURIComponent(state.id)), { cache: "no-store" });
+      const r = await fetch(api("v1/conversations/" + encodeURIComponent(state.id)), authed({ cache: "no-store" }));
       if (r.ok && conv === state) {
         const body = await r.json();
         delete body.utterances; // those come through the watch socket
@@ -258,7 +320,7 @@
     const url = wsUrl(`v1/watch?conversation_id=${encodeURIComponent(state.id)}&after=${encodeURIComponent(state.lastEntryId)}`);
     let ws;
     try {
-      ws = new WebSocket(url);
+      ws = new WebSocket(url, wsProtocols());
     } catch (e) {
       return retry(state, gen);
     }
@@ -279,8 +341,14 @@
       onMessage(state, msg);
     };
     ws.onerror = () => { /* onclose follows */ };
-    ws.onclose = () => {
+    ws.onclose = (ev) => {
       if (gen !== state.gen) return;
+      if (ev.code === 4401) { // refused key: wait for a new one (keyEntered reconnects)
+        state.ws = null;
+        setFeed(state, "reconnecting");
+        needKey("this API key was refused (unknown or revoked)");
+        return;
+      }
       if (openedAt && Date.now() - openedAt > 5000) state.backoff = BACKOFF_MIN_MS;
       retry(state, gen);
     };
@@ -650,7 +718,17 @@
   }
 
   // ------------------------------------------------------------------ start
+  const keyForm = document.getElementById("key-form");
+  if (keyForm) {
+    keyForm.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const input = document.getElementById("key-input");
+      if (input.value.trim()) keyEntered(input.value);
+      input.value = "";
+    });
+  }
   window.addEventListener("hashchange", () => {
+    if (takeKeyFromHash()) keyEntered(apiKey || "");
     const id = selectedFromHash();
     if (id && (!conv || conv.id !== id)) open(id);
     if (!id && conv) { // back to no selection

@@ -197,6 +197,11 @@ class Ops:
             return [r for entries in raw.values() for r in decode_entries(entries[0] if _nested(entries) else entries)]
         return [r for _, entries in raw for r in decode_entries(entries)]
 
+    def count_conversations(self) -> Op[int]:
+        """How many conversations this tenant has in its index (live and recent, not yet expired)."""
+        (n,) = yield _one(Call("zcard", (self.keys.conversations,)))
+        return int(n)
+
     def list_conversations(self, limit: int = 50) -> Op[list[dict]]:
         """This tenant's conversations, most recently updated first."""
         if limit <= 0:

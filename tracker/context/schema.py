@@ -46,8 +46,11 @@ class StoreConfig:
     stream_maxlen: int = 10_000
     recent_labels: int = 20
     trend_alpha: float = 0.3
+    retry_seconds: float = 15.0  # keep retrying a call while Redis is unreachable (a restart) this long
 
     def __post_init__(self) -> None:
+        if self.retry_seconds < 0:
+            raise ConfigError(f"retry_seconds: must be >= 0, got {self.retry_seconds!r}")
         if not self.key_prefix or any(c.isspace() for c in self.key_prefix):
             raise ConfigError(f"key_prefix: must be non-empty without whitespace, got {self.key_prefix!r}")
         for name in ("ttl_seconds", "stream_maxlen", "recent_labels"):

@@ -6,6 +6,8 @@ encoding live in `schema`, the atomic writes in `scripts`. See docs/redis.md.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import TYPE_CHECKING, Any, Mapping
 
 import redis
@@ -23,11 +25,22 @@ if TYPE_CHECKING:  # imported lazily by Ops.context: tracker.model pulls in torc
 __all__ = ["StoreConfig", "ConversationStore", "AsyncConversationStore"]
 
 
+# Errors of an unreachable Redis (down, restarting, loading its AOF): the call is retried. Every
+# step is safe to repeat: reads are reads, the append script is idempotent per utterance id, END
+# is idempotent, and a repeated NEXT_SEQ only leaves a gap in the seq numbers.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def _backoff(attempt: int) -> float:
+    return min(1.0, 0.05 * 2**attempt)
+
+
 class _StoreBase:
     def __init__(self, config: StoreConfig | None, label_set: LabelSet, tenant: str) -> None:
         self.config = config or StoreConfig()
         self.label_set = label_set
         self._ops = Ops(self.config, label_set, tenant)
+        self.retries = 0  # transient Redis errors survived (for tests and /healthz)
 
     @property
     def tenant(self) -> str:
@@ -57,6 +70,18 @@ class ConversationStore(_StoreBase):
         return ConversationStore(self.redis, self.config, self.label_set, tenant=tenant)
 
     def _step(self, step: Step) -> Any:
+        deadline, attempt = time.monotonic() + self.config.retry_seconds, 0
+        while True:
+            try:
+                return self._step_once(step)
+            except TRANSIENT:
+                if time.monotonic() >= deadline:
+                    raise
+                self.retries += 1
+                time.sleep(_backoff(attempt))
+                attempt += 1
+
+    def _step_once(self, step: Step) -> Any:
         if isinstance(step, Eval):
             return self._scripts[step.name](keys=list(step.keys), args=list(step.args))
         if len(step.calls) == 1:  # no pipeline: a blocking XREAD must not sit in one
@@ -87,6 +112,9 @@ class ConversationStore(_StoreBase):
 
     def list_conversations(self, limit: int = 50) -> list[dict]:
         return self._run(self._ops.list_conversations(limit))
+
+    def count_conversations(self) -> int:
+        return self._run(self._ops.count_conversations())
 
     def get_conversation(self, conversation_id: str, finals_only: bool = True) -> dict | None:
         return self._run(self._ops.get_conversation(conversation_id, finals_only))
@@ -150,6 +178,18 @@ class AsyncConversationStore(_StoreBase):
         return AsyncConversationStore(self.redis, self.config, self.label_set, tenant=tenant)
 
     async def _step(self, step: Step) -> Any:
+        deadline, attempt = time.monotonic() + self.config.retry_seconds, 0
+        while True:
+            try:
+                return await self._step_once(step)
+            except TRANSIENT:
+                if time.monotonic() >= deadline:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(_backoff(attempt))
+                attempt += 1
+
+    async def _step_once(self, step: Step) -> Any:
         if isinstance(step, Eval):
             return await self._scripts[step.name](keys=list(step.keys), args=list(step.args))
         if len(step.calls) == 1:
@@ -179,6 +219,9 @@ class AsyncConversationStore(_StoreBase):
 
     async def list_conversations(self, limit: int = 50) -> list[dict]:
         return await self._run(self._ops.list_conversations(limit))
+
+    async def count_conversations(self) -> int:
+        return await self._run(self._ops.count_conversations())
 
     async def get_conversation(self, conversation_id: str, finals_only: bool = True) -> dict | None:
         return await self._run(self._ops.get_conversation(conversation_id, finals_only))

@@ -96,3 +96,26 @@ def read_weights(directory: str | Path, expected: Mapping[str, torch.Size]) -> d
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def verify_files(directory: str | Path) -> dict[str, Any]:
+    """Check a checkpoint without building a model: its config, and that the safetensors header
+    parses and every tensor's bytes lie inside the file (a truncated file fails here). Returns the config.
+
+    Shapes against the model are checked when the model loads it (:func:`read_weights`).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    config = read_config(directory)
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {directory}: {WEIGHTS_NAME} is missing (the weights file)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            if not list(fh.keys()):
+                raise CheckpointError(f"{path}: holds no tensors")
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    return config
