@@ -29,10 +29,11 @@ def examples_from_conversations(
     context_turns: int,
     extractor=None,
     source: str = "",
+    context_min_turns: int | None = None,
 ) -> list[Example]:
     """One example per labelled utterance; audio features (cached on disk) when an extractor is given."""
     out: list[Example] = []
-    pairs = list(iter_examples(conversations, k=context_turns))
+    pairs = list(iter_examples(conversations, k=context_turns, min_k=context_min_turns))
     with_audio = extractor is not None and any(u.audio_path for u, _ in pairs)
     for utt, context in tqdm(pairs, desc=f"features {source}", disable=not with_audio, leave=False):
         if utt.label is None:
@@ -48,7 +49,7 @@ def examples_from_conversations(
 
 
 def load_examples(spec: str, label_set: LabelSet, context_turns: int, read_as: str = "", limit: int = 0,
-                  audio: bool = True, extractor=None) -> list[Example]:
+                  audio: bool = True, extractor=None, context_min_turns: int | None = None) -> list[Example]:
     conversations = load_dataset(spec, label_set=read_as or None)
     if limit:
         conversations = conversations[:limit]
@@ -56,7 +57,8 @@ def load_examples(spec: str, label_set: LabelSet, context_turns: int, read_as: s
         from tracker.audio.features import FeatureExtractor
 
         extractor = FeatureExtractor()
-    return examples_from_conversations(conversations, label_set, context_turns, extractor if audio else None, spec)
+    return examples_from_conversations(conversations, label_set, context_turns, extractor if audio else None, spec,
+                                       context_min_turns)
 
 
 def feature_statistics(examples: list[Example], modality: str = "audio") -> tuple[np.ndarray, np.ndarray] | None:
