@@ -37,11 +37,13 @@ ALERT = {"k": 3, "m": 4, "clear": 1}  # escalation: >= k negative of a speaker's
 class ServePipeline:
     """The StreamSession's pipeline, backed by the worker deployments' handles."""
 
-    def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle, context_turns: int):
+    def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle, context_turns: int,
+                 context_min_turns: int | None = None):
         self.features = features
         self.model = model
         self.context = context
         self.context_turns = context_turns
+        self.context_min_turns = context_min_turns  # the window slides in blocks (tracker.model.context_window)
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         existing = await self.context.final_record.remote(conversation_id, job["utterance_id"])
@@ -51,11 +53,13 @@ class ServePipeline:
             return await self.features.extract.remote(job["pcm"], job["sample_rate"]) if job.get("pcm") else None
 
         async def context():
-            return await self.context.context.remote(conversation_id, self.context_turns) if self.context_turns else []
+            if not self.context_turns:
+                return []
+            return await self.context.context_window.remote(conversation_id, self.context_turns, self.context_min_turns)
 
         feats, context = await asyncio.gather(features(), context())  # independent: one round trip, not two
         pred = await self.model.label.remote({"text": job["text"], "speaker": job["speaker"], "context": context,
-                                              "audio_features": feats})
+                                              "audio_features": feats, "conversation_id": conversation_id})
         record = {
             "conversation_id": conversation_id, "utterance_id": job["utterance_id"], "speaker": job["speaker"],
             "start_ms": job.get("start_ms"), "end_ms": job.get("end_ms"), "text": job["text"],
@@ -82,13 +86,15 @@ class Ingress:
         self.config = load_app_config(args)
         self.features, self.model, self.context = features, model, context
         self._context_turns: int | None = None
+        self._context_min_turns: int | None = None
         self.open_streams = 0
 
     async def _pipeline(self) -> ServePipeline:
         if self._context_turns is None:
             info = await self.model.info.remote()
             self._context_turns = int(info["context_turns"])
-        return ServePipeline(self.features, self.model, self.context, self._context_turns)
+            self._context_min_turns = info.get("context_min_turns")
+        return ServePipeline(self.features, self.model, self.context, self._context_turns, self._context_min_turns)
 
     @api.get("/", include_in_schema=False)
     async def dashboard(self) -> FileResponse:
