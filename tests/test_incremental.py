@@ -232,3 +232,60 @@ def test_gemma_incremental_equals_full_across_the_sliding_attention_window():
             np.testing.assert_allclose(probs[1], full[i - 9], atol=2e-4)
     np.testing.assert_allclose(inc, full, atol=2e-4)
     assert labeler.cache.stats.rebuilds >= 2
+
+
+# ---------------------------------------------------------------------- the service's context
+def test_store_gives_the_same_window_from_redis_history():
+    """What the ingress fetches for utterance i equals the training context (partials are not turns)."""
+    import uuid
+
+    from tracker.context import ConversationStore, EmbeddedRedis, StoreConfig
+    from tracker.labels import MELD7
+
+    def record(i: int, final: bool = True) -> dict:
+        return {"utterance_id": f"u{i}", "speaker": SPEAKERS[i % 3], "start_ms": 0, "end_ms": 1, "text": f"turn {i}",
+                "label": "joy", "probabilities": {"joy": 1.0}, "score": 0.8, "is_final": final}
+
+    with EmbeddedRedis() as server, ConversationStore(server.url, StoreConfig(key_prefix=f"t{uuid.uuid4().hex[:8]}"), MELD7) as store:
+        turns = []
+        for i in range(13):
+            index, ctx = store.context_window("call", M, m)
+            assert index == i
+            assert ctx == window_turns(turns, i, M, m)
+            store.append("call", record(i + 100, final=False))  # a partial in between changes nothing
+            store.append("call", record(i))
+            turns.append(Turn(SPEAKERS[i % 3], f"turn {i}"))
+        assert store.context_window("call", 3) == (13, turns[-3:])  # m = M: the last M
+
+
+def test_emotion_model_deployment_labels_context_first_models_incrementally(recognizers, tmp_path):
+    """The deployment class itself (called directly, no Serve): cached and uncached requests agree."""
+    from services.deployments import EmotionModel
+
+    recognizers[1].save_pretrained(tmp_path / "ckpt")
+    model = EmotionModel.func_or_class({"model": {"checkpoint": str(tmp_path / "ckpt"), "dtype": "fp32"}})
+    assert model.labeler is not None and model.info()["context_min_turns"] == m
+    items = conversation(12)
+    requests = [{"text": it.text, "speaker": it.speaker, "context": [(t.speaker, t.text) for t in it.context],
+                 "audio_features": it.features.get("audio")} for it in items]
+    cached = [model._predict([dict(r, conversation_id="call")])[0] for r in requests]
+    plain = model._predict(requests)
+    for a, b in zip(cached, plain):
+        assert a["label"] == b["label"]
+        assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) < 1e-5
+    info = model.info()["kv_cache"]
+    assert info["conversations"] == 1 and info["hits"] == 12 - 1 - 2 and info["rebuilds"] == 2
+
+
+def test_context_first_batches_train_the_adapter_through_per_row_pseudo_slots(tiny_backbone):
+    torch.manual_seed(0)
+    rec = EmotionRecognizer(tiny_backbone, context_first(1))
+    items = conversation(6)
+    batch = rec.collate(items)
+    assert isinstance(batch.pseudo_start, torch.Tensor) and len(set(batch.pseudo_start.tolist())) > 1
+    rec.train()
+    loss = torch.nn.functional.cross_entropy(rec(batch), torch.tensor([0, 1, 2, 3, 4, 5]))
+    loss.backward()
+    grads = [p.grad for n, p in rec.adapter.named_parameters() if "visual" not in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in rec.llm.parameters())
