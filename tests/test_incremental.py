@@ -146,6 +146,9 @@ def test_batched_ragged_conversations_equal_one_at_a_time(recognizers):
             got[key][convs[key].index(item)] = row
     for key in convs:
         np.testing.assert_allclose(got[key], alone[key], atol=1e-5)
+    # a rebuilt prefix among suffix-only rows goes to its own forward instead of padding them all
+    assert IncrementalLabeler._groups([80, 82, 200, 79]) == [[0, 1, 3], [2]]
+    assert IncrementalLabeler._groups([80, 90, 85]) == [[0, 1, 2]]
 
 
 def test_utterances_of_one_conversation_in_one_call_are_labelled_in_order(recognizers):

@@ -125,8 +125,30 @@ class IncrementalLabeler:
         return _Row(key, item, encoded, None)
 
     def _forward(self, requests: list[tuple[str, UtteranceInput]], commit: bool) -> np.ndarray:
-        rec = self.recognizer
         rows = [self._plan(key, item) for key, item in requests]
+        out = np.zeros((len(rows), len(self.recognizer.label_set)), dtype=np.float64)
+        for group in self._groups([len(r.encoded.input_ids) - r.p for r in rows]):
+            out[group] = self._run([rows[i] for i in group], commit)
+        return out
+
+    @staticmethod
+    def _groups(new_tokens: list[int]) -> list[list[int]]:
+        """Split a batch in two forwards when that saves padding: a rebuilt prefix (~200 new tokens)
+        next to rows that only need their suffix (~80) would otherwise pad every row to the longest."""
+        order = sorted(range(len(new_tokens)), key=lambda i: new_tokens[i])
+        n = [new_tokens[i] for i in order]
+        whole = len(n) * n[-1]
+        best, split = whole, 0
+        for j in range(1, len(n)):
+            cost = j * n[j - 1] + (len(n) - j) * n[-1]
+            if cost < best:
+                best, split = cost, j
+        if split == 0 or best > 0.75 * whole:
+            return [list(range(len(new_tokens)))]
+        return [sorted(order[:split]), sorted(order[split:])]
+
+    def _run(self, rows: list[_Row], commit: bool) -> np.ndarray:
+        rec = self.recognizer
         device = rec.backbone.device
         # the new tokens of each row, as an EncodedPrompt shifted by its cached length
         shifted = [
