@@ -217,13 +217,14 @@ def test_gemma_incremental_equals_full_across_the_sliding_attention_window():
     shipped = EmotionRecognizer.from_pretrained(default_checkpoint(), backbone=backbone)
     import dataclasses
 
-    prompt = dataclasses.replace(shipped.config.prompt, layout="context_first", context_turns=24, context_min_turns=12,
-                                 max_context_line_tokens=48, max_context_tokens=1200)
+    prompt = dataclasses.replace(shipped.config.prompt, layout="context_first", context_turns=30, context_min_turns=20,
+                                 max_context_line_tokens=48, max_context_tokens=1500)
     rec = EmotionRecognizer(backbone, dataclasses.replace(shipped.config, prompt=prompt))
     rec.load_trainable_state_dict(shipped.trainable_state_dict())
-    turns = [Turn(u.speaker, u.text) for c in load_dataset("meld:dev")[:6] for u in c][:40]
-    items = [UtteranceInput(t.text, t.speaker, tuple(window_turns(turns[:i], i, 24, 12))) for i, t in enumerate(turns)]
-    assert max(len(rec.encode(it).input_ids) for it in items) > 512
+    # MELD dev turns, each said twice so that 30 of them exceed the 512-token sliding window
+    turns = [Turn(u.speaker, f"{u.text} {u.text}") for c in load_dataset("meld:dev")[:6] for u in c][:45]
+    items = [UtteranceInput(t.text, t.speaker, tuple(window_turns(turns[:i], i, 30, 20))) for i, t in enumerate(turns)]
+    assert max(len(rec.encode(it).input_ids) for it in items) > 700
     full = rec.predict_proba(items, batch_size=4)
     labeler = IncrementalLabeler(rec)
     inc = np.zeros_like(full)
