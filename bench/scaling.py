@@ -136,6 +136,8 @@ def growth(args, windowed: EmotionRecognizer, everything: EmotionRecognizer) -> 
     for i, item in enumerate(items):
         number = i + 1  # utterance 1 has no past
         if number in args.points:
+            labeler.predict_proba([("long", item)], commit=False)  # warm-up of this shape
+            windowed.predict_proba([item], batch_size=1)
             inc = timed(lambda: labeler.predict_proba([("long", item)], commit=False), args.repeats)
             full = timed(lambda: windowed.predict_proba([item], batch_size=1), args.repeats)
             hist = timed(lambda: everything.predict_proba([whole[i]], batch_size=1), 1)
@@ -271,6 +273,10 @@ def versus_reference(args, shipped: EmotionRecognizer, windowed: EmotionRecogniz
 
 # ---------------------------------------------------------------------------- main
 def main() -> None:
+    import functools
+    import builtins
+
+    builtins.print = functools.partial(builtins.print, flush=True)  # partial results survive a timeout
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="gemma3-270m")
     ap.add_argument("--checkpoint", default="default", help="default (the shipped adapter), a directory, or none (untrained)")
