@@ -28,7 +28,8 @@ def replay_in_process(recognizer, conversations: list[Conversation], batch_size:
     from tracker.data.records import iter_examples
     from tracker.model.inputs import UtteranceInput
 
-    pairs = list(iter_examples(conversations, k=recognizer.config.prompt.context_turns))
+    prompt = recognizer.config.prompt
+    pairs = list(iter_examples(conversations, k=prompt.context_turns, min_k=prompt.context_min_turns))
     items = []
     for utt, ctx in pairs:
         feats = features.from_file(utt.audio_path, utt.start_s, utt.end_s) if features is not None and utt.audio_path else {}

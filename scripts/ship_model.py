@@ -35,7 +35,8 @@ def main() -> int:
     reports = {}
     for spec, read_as in DEV:
         examples = load_examples(spec, rec.label_set, rec.config.prompt.context_turns, read_as,
-                                 modalities=rec.config.adapter.modalities)
+                                 modalities=rec.config.adapter.modalities,
+                                 context_min_turns=rec.config.prompt.context_min_turns)
         report, _ = evaluate(rec, examples, batch_size=8)
         reports[spec] = report.to_dict()
         print(f"== {spec}\n{report.to_text()}\n")

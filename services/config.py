@@ -52,8 +52,14 @@ class ModelServing:
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.01
     num_threads: int = 0  # torch threads per replica (0 = torch's default)
+    # Models with prompt layout context_first keep each conversation's prompt-prefix key/value
+    # cache between utterances (tracker.model.incremental), at most kv_cache_mb per replica (LRU).
+    incremental: bool = True
+    kv_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
+        if self.kv_cache_mb < 0:
+            raise ConfigError(f"kv_cache_mb: must be >= 0, got {self.kv_cache_mb}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size: must be >= 1, got {self.max_batch_size}")
         if self.batch_wait_timeout_s < 0:

@@ -82,6 +82,11 @@ class EmotionModel:
         self.label.set_batch_wait_timeout_s(self.config.model.batch_wait_timeout_s)
         self.batches = 0
         self.items = 0
+        self.labeler = None  # incremental labelling with per-conversation prefix caches (context_first models)
+        if self.config.model.incremental and self.recognizer.config.prompt.layout == "context_first":
+            from tracker.model.incremental import IncrementalLabeler
+
+            self.labeler = IncrementalLabeler(self.recognizer, max_cache_bytes=self.config.model.kv_cache_mb << 20)
         # warm-up: the first forward allocates and is slow
         from tracker.model.inputs import UtteranceInput
 
@@ -91,8 +96,21 @@ class EmotionModel:
         rec = self.recognizer
         return {"backbone": rec.backbone.name, "label_set": list(rec.label_set.labels),
                 "label_set_full": rec.label_set.to_dict(),
-                "context_turns": rec.config.prompt.context_turns, "modalities": rec.modality_names,
-                "batches": self.batches, "items": self.items}
+                "context_turns": rec.config.prompt.context_turns,
+                "context_min_turns": rec.config.prompt.context_min_turns, "modalities": rec.modality_names,
+                "batches": self.batches, "items": self.items, "incremental": self.labeler is not None,
+                "kv_cache": self._cache_info()}
+
+    def _cache_info(self) -> dict[str, Any] | None:
+        if self.labeler is None:
+            return None
+        cache = self.labeler.cache
+        return {"conversations": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes, **cache.stats.to_dict()}
+
+    def forget(self, conversation_id: str) -> None:
+        """Drop an ended conversation's prefix cache (a later utterance would rebuild it)."""
+        if self.labeler is not None:
+            self.labeler.forget(conversation_id)
 
     def _predict(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         from tracker.model.inputs import Turn, UtteranceInput
@@ -102,7 +120,14 @@ class EmotionModel:
             features = dict(it.get("audio_features") or {})  # {modality: (frames, F)} from FeatureExtractor
             context = tuple(Turn(s, t) for s, t in it.get("context", ()))
             inputs.append(UtteranceInput(it.get("text", ""), it.get("speaker", "Speaker"), context, features))
-        probs = self.recognizer.predict_proba(inputs, batch_size=len(inputs))
+        keys = [it.get("conversation_id") for it in items]
+        cached = [i for i, key in enumerate(keys) if key and self.labeler is not None]
+        rest = [i for i in range(len(items)) if i not in set(cached)]
+        probs = np.zeros((len(items), len(self.recognizer.label_set)))
+        if cached:  # one forward over the new tokens of every conversation in the batch
+            probs[cached] = self.labeler.predict_proba([(keys[i], inputs[i]) for i in cached])
+        if rest:
+            probs[rest] = self.recognizer.predict_proba([inputs[i] for i in rest], batch_size=len(rest))
         preds = self.recognizer.to_predictions(probs)
         return [{"label": p.label, "probabilities": p.probabilities, "score": p.score} for p in preds]
 
@@ -136,6 +161,12 @@ class ContextAggregator:
 
     async def context(self, conversation_id: str, k: int, tenant: str = "default") -> list[tuple[str, str]]:
         return [(t.speaker, t.text) for t in await self._for(tenant).context(conversation_id, k)]
+
+    async def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None,
+                             tenant: str = "default") -> list[tuple[str, str]]:
+        """The next utterance's window of past turns (tracker.model.context_window), as the model was trained."""
+        _, turns = await self._for(tenant).context_window(conversation_id, max_turns, min_turns)
+        return [(t.speaker, t.text) for t in turns]
 
     async def final_record(self, conversation_id: str, utterance_id: str, tenant: str = "default") -> dict[str, Any] | None:
         return await self._for(tenant).get_final(conversation_id, utterance_id)

@@ -47,7 +47,8 @@ class ServePipeline:
 
     def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle, context_turns: int,
                  tenant: str = "default", max_conversations: int = 10_000, stats: dict[str, int] | None = None,
-                 refiner: DeploymentHandle | None = None, refine_info: dict[str, Any] | None = None):
+                 refiner: DeploymentHandle | None = None, refine_info: dict[str, Any] | None = None,
+                 context_min_turns: int | None = None):
         self.features = features
         self.model = model
         self.context = context
@@ -57,6 +58,7 @@ class ServePipeline:
         self.stats = stats if stats is not None else {}
         self.refiner = refiner
         self.refine_info = refine_info  # set when conversation-level refinement is on (services/refinement.py)
+        self.context_min_turns = context_min_turns  # the window slides in blocks (tracker.model.context_window)
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         """Label and store one utterance; retried while a replica that died mid-request is replaced.
@@ -85,11 +87,15 @@ class ServePipeline:
             return await self.features.extract.remote(job["pcm"], job["sample_rate"]) if job.get("pcm") else None
 
         async def context():
-            return await self.context.context.remote(conversation_id, self.context_turns, tenant=t) if self.context_turns else []
+            if not self.context_turns:
+                return []
+            return await self.context.context_window.remote(conversation_id, self.context_turns, self.context_min_turns,
+                                                            tenant=t)
 
         feats, context = await asyncio.gather(features(), context())  # independent: one round trip, not two
         pred = await self.model.label.remote({"text": job["text"], "speaker": job["speaker"], "context": context,
-                                              "audio_features": feats})
+                                              "audio_features": feats,
+                                              "conversation_id": f"{t}/{conversation_id}"})  # KV-cache key, per tenant
         record = {
             "conversation_id": conversation_id, "utterance_id": job["utterance_id"], "speaker": job["speaker"],
             "start_ms": job.get("start_ms"), "end_ms": job.get("end_ms"), "text": job["text"],
@@ -142,6 +148,7 @@ class Ingress:
         self._context_turns: int | None = None
         self.refiner = refiner  # None: refinement off, every label final at once
         self._refine_info: dict[str, Any] | None = None
+        self._context_min_turns: int | None = None
         self.open_streams = 0
         self.stats: dict[str, int] = {"replica_retries": 0, "auth_refused": 0, "limit_refused": 0}
         self._open: dict[tuple[str, str], int] = {}  # (route, key id) -> open connections on this replica
@@ -154,10 +161,12 @@ class Ingress:
         if self._context_turns is None:
             info = await self.model.info.remote()
             self._context_turns = int(info["context_turns"])
+            self._context_min_turns = info.get("context_min_turns")
         if self.refiner is not None and self._refine_info is None:
             self._refine_info = await self.refiner.info.remote()
         return ServePipeline(self.features, self.model, self.context, self._context_turns, principal.tenant,
-                             self.config.limits.max_conversations_per_tenant, self.stats, self.refiner, self._refine_info)
+                             self.config.limits.max_conversations_per_tenant, self.stats, self.refiner, self._refine_info,
+                             self._context_min_turns)
 
     # ------------------------------------------------------------------ authentication
     async def _authenticate(self, key: str | None) -> Principal:

@@ -121,7 +121,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for spec in args.data:
         read_as = args.read_as or labels_read_as(spec, rec.label_set.name)
         examples = load_examples(spec, rec.label_set, rec.config.prompt.context_turns, read_as, args.limit,
-                                 modalities=rec.config.adapter.modalities)
+                                 modalities=rec.config.adapter.modalities,
+                                 context_min_turns=rec.config.prompt.context_min_turns)
         report, _ = evaluate(rec, examples, batch_size=args.batch_size)
         print(f"== {spec} ({checkpoint})")
         print(report.to_text())

@@ -180,6 +180,17 @@ class Ops:
                 return newest_first[::-1]
             end = "(" + entries[-1]["entry_id"]
 
+    def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None) -> Op[tuple[int, list[Turn]]]:
+        """``(index, context)`` for the conversation's next utterance: its position (the number of
+        finals stored) and its window of past turns (tracker.model.context_window), oldest first."""
+        from tracker.model.context_window import window_length
+
+        cid = check_id(conversation_id, "conversation_id")
+        (n,) = yield _one(Call("hget", (self.keys.meta(cid), "n_final")))
+        index = int(as_str(n)) if n is not None else 0
+        turns = yield from self.context(cid, window_length(index, max_turns, min_turns))
+        return index, turns
+
     def read_since(
         self, conversation_id: str, last_entry_id: str = "0-0", block_ms: int | None = None, count: int = 100
     ) -> Op[list[dict]]:

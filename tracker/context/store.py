@@ -110,6 +110,9 @@ class ConversationStore(_StoreBase):
     def context(self, conversation_id: str, k: int) -> list[Turn]:
         return self._run(self._ops.context(conversation_id, k))
 
+    def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None) -> tuple[int, list[Turn]]:
+        return self._run(self._ops.context_window(conversation_id, max_turns, min_turns))
+
     def list_conversations(self, limit: int = 50) -> list[dict]:
         return self._run(self._ops.list_conversations(limit))
 
@@ -216,6 +219,9 @@ class AsyncConversationStore(_StoreBase):
 
     async def context(self, conversation_id: str, k: int) -> list[Turn]:
         return await self._run(self._ops.context(conversation_id, k))
+
+    async def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None) -> tuple[int, list[Turn]]:
+        return await self._run(self._ops.context_window(conversation_id, max_turns, min_turns))
 
     async def list_conversations(self, limit: int = 50) -> list[dict]:
         return await self._run(self._ops.list_conversations(limit))

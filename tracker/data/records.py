@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from tracker.model.context_window import window_turns
 from tracker.model.inputs import Turn, UtteranceInput
 
 
@@ -66,11 +67,15 @@ def build_conversation(conversation_id: str, utterances: Iterable[Utterance]) ->
     return Conversation(conversation_id=conversation_id, utterances=utts)
 
 
-def to_inputs(conversation: Conversation, k: int | None = None) -> Iterator[tuple[Utterance, list[Turn]]]:
+def to_inputs(
+    conversation: Conversation, k: int | None = None, min_k: int | None = None
+) -> Iterator[tuple[Utterance, list[Turn]]]:
     """Yield ``(utterance, context)`` for each utterance, in order.
 
     The context is built from earlier utterances of this conversation only (the tracker runs live,
     so it never sees the future), at most the last ``k`` of them (``None``: all; ``0``: none).
+    With ``min_k`` the window slides in blocks between ``min_k`` and ``k`` turns, exactly as the
+    service computes it (tracker.model.context_window).
     """
     if k is not None and k < 0:
         raise ValueError(f"k must be >= 0 or None, got {k}")
@@ -81,15 +86,20 @@ def to_inputs(conversation: Conversation, k: int | None = None) -> Iterator[tupl
                 f"utterance {utt.utterance_id!r} belongs to {utt.conversation_id!r}, "
                 f"not {conversation.conversation_id!r}"
             )
-        context = turns if k is None else turns[-k:] if k else []
-        yield utt, list(context)
+        if k is None:
+            context = list(turns)
+        else:
+            context = window_turns(turns, len(turns), k, min_k)
+        yield utt, context
         turns.append(utt.turn())
 
 
-def iter_examples(conversations: Iterable[Conversation], k: int | None = None) -> Iterator[tuple[Utterance, list[Turn]]]:
+def iter_examples(
+    conversations: Iterable[Conversation], k: int | None = None, min_k: int | None = None
+) -> Iterator[tuple[Utterance, list[Turn]]]:
     """`to_inputs` over many conversations, one after another."""
     for conversation in conversations:
-        yield from to_inputs(conversation, k)
+        yield from to_inputs(conversation, k, min_k)
 
 
 def count_utterances(conversations: Iterable[Conversation]) -> int:

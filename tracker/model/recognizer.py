@@ -87,7 +87,7 @@ class RecognizerBatch:
     utterance_ids: torch.Tensor  # (B, U)
     utterance_mask: torch.Tensor  # (B, U)
     modalities: dict[str, ModalityBatch]
-    pseudo_start: int
+    pseudo_start: int | torch.Tensor  # one index for all rows, or (B,) when rows differ (layout context_first)
     n_pseudo: int
 
     def __len__(self) -> int:
@@ -239,6 +239,10 @@ class EmotionRecognizer(nn.Module):
         device = self.backbone.device
         ids, mask = _pad([e.input_ids for e in encoded], self.prompt.pad_token_id)
         utt, utt_mask = _pad([e.utterance_ids for e in encoded], self.prompt.pad_token_id)
+        starts = {e.pseudo_start for e in encoded}
+        pseudo_start: int | torch.Tensor = encoded[0].pseudo_start
+        if len(starts) > 1:
+            pseudo_start = torch.tensor([e.pseudo_start for e in encoded], dtype=torch.long, device=device)
         return RecognizerBatch(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -246,7 +250,7 @@ class EmotionRecognizer(nn.Module):
             utterance_ids=utt.to(device),
             utterance_mask=utt_mask.to(device),
             modalities=collate_modalities([it.features for it in items], self.modality_names, device),
-            pseudo_start=encoded[0].pseudo_start,
+            pseudo_start=pseudo_start,
             n_pseudo=encoded[0].n_pseudo,
         )
 
@@ -265,7 +269,13 @@ class EmotionRecognizer(nn.Module):
             return embeds
         pseudo, _ = self.pseudo_tokens(batch)
         s, n = batch.pseudo_start, batch.n_pseudo
-        return torch.cat([embeds[:, :s], pseudo.to(embeds.dtype), embeds[:, s + n :]], dim=1)
+        if isinstance(s, int):
+            return torch.cat([embeds[:, :s], pseudo.to(embeds.dtype), embeds[:, s + n :]], dim=1)
+        rows = torch.arange(embeds.shape[0], device=embeds.device)[:, None]  # (B, 1)
+        cols = s.to(embeds.device)[:, None] + torch.arange(n, device=embeds.device)  # (B, n)
+        embeds = embeds.clone()
+        embeds[rows, cols] = pseudo.to(embeds.dtype)  # per-row slots; gradients flow to the adapter
+        return embeds
 
     def _decoder_layers(self) -> nn.ModuleList:
         base = self.llm.base_model
@@ -285,17 +295,39 @@ class EmotionRecognizer(nn.Module):
         return nn.Identity()
 
     def answer_hidden(self, batch: RecognizerBatch) -> torch.Tensor:
-        """The (normed) hidden state at each row's answer position: (B, H).
-
-        With ``head_layer = k`` the forward stops after decoder layer k (a hook captures its output
-        and ends the pass), and the LLM's final norm is applied to that state.
-        """
+        """The (normed) hidden state at each row's answer position: (B, H)."""
         embeds = self.input_embeddings(batch)
         rows = torch.arange(embeds.shape[0], device=embeds.device)
+        return self.head_hidden(embeds, batch.attention_mask, rows=rows, index=batch.answer_index)
+
+    @property
+    def cached_layers(self) -> int:
+        """How many decoder layers the head needs (and a key/value cache holds)."""
+        return self.config.head_layer or self.backbone.num_layers
+
+    def head_hidden(
+        self,
+        embeds: torch.Tensor,
+        attention_mask,
+        rows: torch.Tensor,
+        index: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+    ) -> torch.Tensor:
+        """Run the LLM on (B, T, H) embeddings and return the normed hidden state at (rows, index): (B, H).
+
+        With ``head_layer = k`` the forward stops after decoder layer k (a hook captures its output
+        and ends the pass), and the LLM's final norm is applied to that state. `attention_mask` is
+        a 2D padding mask, or prepared 4D masks (a dict by layer type for hybrid models) together
+        with `position_ids` and `past_key_values` (tracker.model.incremental).
+        """
         k = self.config.head_layer
+        use_cache = past_key_values is not None
+        kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, use_cache=use_cache)
         if k == 0:
-            out = self.llm.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
-            return out.last_hidden_state[rows, batch.answer_index]  # (B, H)
+            out = self.llm.base_model(**kwargs)
+            return out.last_hidden_state[rows, index]  # (B, H)
         captured: dict[str, torch.Tensor] = {}
 
         def stop_here(_module, _inputs, output):
@@ -304,12 +336,12 @@ class EmotionRecognizer(nn.Module):
 
         handle = self._decoder_layers()[k - 1].register_forward_hook(stop_here)
         try:
-            self.llm.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+            self.llm.base_model(**kwargs)
         except _EarlyExit:
             pass
         finally:
             handle.remove()
-        hidden = captured["h"][rows, batch.answer_index]  # (B, H)
+        hidden = captured["h"][rows, index]  # (B, H)
         return self._final_norm()(hidden)
 
     def label_logits(self, hidden: torch.Tensor) -> torch.Tensor:

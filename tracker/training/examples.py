@@ -29,13 +29,14 @@ def examples_from_conversations(
     context_turns: int,
     features=None,
     source: str = "",
+    context_min_turns: int | None = None,
 ) -> list[Example]:
     """One example per labelled utterance; acoustic features (cached on disk) when `features` is given.
 
     `features` is a :class:`tracker.audio.modalities.ModalityFeatures` naming the modalities to compute.
     """
     out: list[Example] = []
-    pairs = list(iter_examples(conversations, k=context_turns))
+    pairs = list(iter_examples(conversations, k=context_turns, min_k=context_min_turns))
     with_audio = features is not None and bool(features.names) and any(u.audio_path for u, _ in pairs)
     for utt, context in tqdm(pairs, desc=f"features {source}", disable=not with_audio, leave=False):
         if utt.label is None:
@@ -49,7 +50,7 @@ def examples_from_conversations(
 
 
 def load_examples(spec: str, label_set: LabelSet, context_turns: int, read_as: str = "", limit: int = 0,
-                  audio: bool = True, modalities=None) -> list[Example]:
+                  audio: bool = True, modalities=None, context_min_turns: int | None = None) -> list[Example]:
     """Examples of a dataset spec; `modalities` (ModalityConfig list) says which acoustic features to compute."""
     conversations = load_dataset(spec, label_set=read_as or None)
     if limit:
@@ -59,7 +60,7 @@ def load_examples(spec: str, label_set: LabelSet, context_turns: int, read_as: s
         from tracker.audio.modalities import ModalityFeatures
 
         features = ModalityFeatures(modalities)
-    return examples_from_conversations(conversations, label_set, context_turns, features, spec)
+    return examples_from_conversations(conversations, label_set, context_turns, features, spec, context_min_turns)
 
 
 def feature_statistics(examples: list[Example], modality: str = "audio") -> tuple[np.ndarray, np.ndarray] | None:

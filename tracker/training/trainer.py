@@ -93,11 +93,13 @@ class Trainer:
         rec, cfg = self.recognizer, self.config
         k = rec.config.prompt.context_turns
         for src in cfg.train:
-            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, rec.config.adapter.modalities)
+            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, rec.config.adapter.modalities,
+                                context_min_turns=rec.config.prompt.context_min_turns)
             self.train_examples += exs * src.repeat
             log.info("train %s: %d examples (x%d)", src.spec, len(exs), src.repeat)
         for src in cfg.dev:
-            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, rec.config.adapter.modalities)
+            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, rec.config.adapter.modalities,
+                                context_min_turns=rec.config.prompt.context_min_turns)
             self.dev_sets[src.spec] = exs[: cfg.dev_limit] if cfg.dev_limit else exs
         if not self.train_examples:
             raise ValueError("no labelled training examples")
