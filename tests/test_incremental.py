@@ -271,7 +271,7 @@ def test_emotion_model_deployment_labels_context_first_models_incrementally(reco
     assert model.labeler is not None and model.info()["context_min_turns"] == m
     items = conversation(12)
     requests = [{"text": it.text, "speaker": it.speaker, "context": [(t.speaker, t.text) for t in it.context],
-                 "audio_features": it.features.get("audio")} for it in items]
+                 "audio_features": dict(it.features)} for it in items]
     cached = [model._predict([dict(r, conversation_id="call")])[0] for r in requests]
     plain = model._predict(requests)
     for a, b in zip(cached, plain):

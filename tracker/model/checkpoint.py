@@ -63,7 +63,8 @@ def read_config(directory: str | Path, expected_format: str = FORMAT) -> dict[st
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt, not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != expected_format:
-        raise CheckpointError(f"{path}: not a tracker {expected_format} config (format is {data.get('format') if isinstance(data, dict) else None!r}, expected {expected_format!r})")
+        kind = "adapter" if expected_format == FORMAT else expected_format
+        raise CheckpointError(f"{path}: not a tracker {kind} config (format is {data.get('format') if isinstance(data, dict) else None!r}, expected {expected_format!r})")
     if int(data.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {data['format_version']} is newer than this tracker reads ({FORMAT_VERSION})")
     return data
