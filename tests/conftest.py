@@ -58,3 +58,15 @@ def start_test_service(checkpoint, extra_args: dict | None = None, *, limits: di
     if redis_url:
         args["redis_url"] = redis_url
     return LocalService(port=free_port(), args=args, num_cpus=2).start(timeout_s=240)
+
+
+def save_tiny_checkpoint(backbone, path, seed: int = 0):
+    """A small untrained adapter (d=32, 4 pseudo tokens) on the tiny backbone, saved at `path` for a test service."""
+    import torch
+
+    from tracker.model.adapter import AdapterConfig
+    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+
+    torch.manual_seed(seed)
+    config = RecognizerConfig(backbone="tiny", dtype="fp32", adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4))
+    return EmotionRecognizer(backbone, config).save_pretrained(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 import uuid
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 import redis
 import websockets
 
-from tests.conftest import start_test_service
+from tests.conftest import start_test_service, save_tiny_checkpoint
 
 pytestmark = [pytest.mark.service, pytest.mark.fault, pytest.mark.timeout(900)]
 
@@ -36,15 +35,8 @@ def redis_server():
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_backbone, redis_server):
-    import torch
-
-    from tracker.model.adapter import AdapterConfig
-    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
-
-    torch.manual_seed(0)
     ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
-    EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32",
-                                                      adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4))).save_pretrained(ckpt)
+    save_tiny_checkpoint(tiny_backbone, ckpt, seed=0)
     svc = start_test_service(ckpt, redis_url=redis_server.url, limits={"watch_send_timeout_s": 2.0})
     yield svc
     svc.stop()

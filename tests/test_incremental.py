@@ -16,7 +16,7 @@ from tracker.model.context_window import window_length, window_start, window_tur
 from tracker.model.incremental import IncrementalLabeler
 from tracker.model.inputs import Turn, UtteranceInput
 from tracker.model.kv_cache import KVCacheStore
-from tracker.model.prompt import PromptBuilder, PromptConfig
+from tracker.model.prompt import PromptConfig
 from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
 
 M, m = 5, 2  # the window slides from 5 past turns back to 2, i.e. every 4 utterances

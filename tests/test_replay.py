@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from clients.replay import replay_in_process, replay_through_service, report_for
 from tracker.cli import main
 from tracker.data import load_dataset
-from tracker.model.adapter import AdapterConfig
-from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+from tracker.model.recognizer import EmotionRecognizer
+
+from tests.conftest import save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, tiny_backbone):
-    torch.manual_seed(1)
     path = tmp_path_factory.mktemp("replay") / "ckpt"
-    EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32",
-                                                      adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4))).save_pretrained(path)
+    save_tiny_checkpoint(tiny_backbone, path, seed=1)
     return path
 
 

@@ -20,7 +20,7 @@ import websockets
 from services import protocol as P
 from services.auth import KeyStore, generate_key
 from services.session import SessionLimits
-from tests.conftest import start_test_service
+from tests.conftest import start_test_service, save_tiny_checkpoint
 from tests.fuzzgen import fatal_case, hostile_text
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
@@ -32,15 +32,8 @@ LIMITS = {"max_messages_per_second": 50.0, "message_burst": 1500, "max_streams_p
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_backbone):
-    import torch
-
-    from tracker.model.adapter import AdapterConfig
-    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
-
-    torch.manual_seed(0)
     ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
-    EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32",
-                                                      adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4))).save_pretrained(ckpt)
+    save_tiny_checkpoint(tiny_backbone, ckpt, seed=0)
     svc = start_test_service(ckpt, limits=LIMITS)
     yield svc
     svc.stop()

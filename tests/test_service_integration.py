@@ -17,7 +17,7 @@ import pytest
 import redis
 import websockets
 
-from tests.conftest import start_test_service
+from tests.conftest import start_test_service, save_tiny_checkpoint
 from tracker.audio.synth import have_espeak, voice_conversation
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
@@ -34,15 +34,8 @@ TURNS = [
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_backbone):
-    import torch
-
-    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
-    from tracker.model.adapter import AdapterConfig
-
-    torch.manual_seed(0)
     ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
-    EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32",
-                                                      adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4))).save_pretrained(ckpt)
+    save_tiny_checkpoint(tiny_backbone, ckpt, seed=0)
     svc = start_test_service(ckpt)
     yield svc
     svc.stop()

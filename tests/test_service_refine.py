@@ -14,7 +14,7 @@ import pytest
 import redis
 import websockets
 
-from tests.conftest import start_test_service
+from tests.conftest import start_test_service, save_tiny_checkpoint
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
 
@@ -27,14 +27,10 @@ LINES = [("Ann", "Hello, I am calling about my bill."), ("Bob", "Sure, what is w
 def service(tmp_path_factory, tiny_backbone):
     import torch
 
-    from tracker.model.adapter import AdapterConfig
-    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
     from tracker.model.refine import Refiner, RefinerConfig
 
-    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("refine")
-    EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32",
-                                                      adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4))).save_pretrained(root / "model")
+    save_tiny_checkpoint(tiny_backbone, root / "model", seed=0)
     refiner = Refiner(tiny_backbone, RefinerConfig(backbone="tiny", window=2, stride=1, head_layer=1))
     with torch.no_grad():  # a head that disagrees with the random base now and then, so revisions happen
         refiner.head.weight.normal_(0, 2.0)

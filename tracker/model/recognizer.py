@@ -23,6 +23,7 @@ from tracker.model import checkpoint as ckpt
 from tracker.model.adapter import AdapterConfig, ModalityBatch, MSEAdapter, collate_modalities
 from tracker.model.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from tracker.model.inputs import UtteranceInput
+from tracker.model.llm_layers import EarlyExit, decoder_layers, final_norm
 from tracker.model.prompt import EncodedPrompt, PromptBuilder, PromptConfig
 
 
@@ -102,10 +103,6 @@ def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.T
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
-
-
-class _EarlyExit(Exception):
-    """Raised by a forward hook to stop the LLM after the layer the head reads."""
 
 
 class EmotionRecognizer(nn.Module):
@@ -278,21 +275,10 @@ class EmotionRecognizer(nn.Module):
         return embeds
 
     def _decoder_layers(self) -> nn.ModuleList:
-        base = self.llm.base_model
-        for path in ("layers", "h", "encoder.layers", "decoder.layers"):
-            obj = base
-            for part in path.split("."):
-                obj = getattr(obj, part, None)
-            if isinstance(obj, nn.ModuleList):
-                return obj
-        raise ConfigError(f"head_layer: cannot find the decoder layers of {type(base).__name__}; use head_layer 0")
+        return decoder_layers(self.llm)
 
     def _final_norm(self) -> nn.Module:
-        base = self.llm.base_model
-        for name in ("norm", "final_layernorm", "ln_f"):
-            if isinstance(getattr(base, name, None), nn.Module):
-                return getattr(base, name)
-        return nn.Identity()
+        return final_norm(self.llm)
 
     def answer_hidden(self, batch: RecognizerBatch) -> torch.Tensor:
         """The (normed) hidden state at each row's answer position: (B, H)."""
@@ -332,12 +318,12 @@ class EmotionRecognizer(nn.Module):
 
         def stop_here(_module, _inputs, output):
             captured["h"] = output[0] if isinstance(output, tuple) else output
-            raise _EarlyExit
+            raise EarlyExit
 
         handle = self._decoder_layers()[k - 1].register_forward_hook(stop_here)
         try:
             self.llm.base_model(**kwargs)
-        except _EarlyExit:
+        except EarlyExit:
             pass
         finally:
             handle.remove()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +37,7 @@ from tracker.config import ConfigError, load_dataclass, to_dict
 from tracker.labels import LabelSet, get_label_set
 from tracker.model import checkpoint as ckpt
 from tracker.model.backbone import Backbone, load_backbone
+from tracker.model.llm_layers import EarlyExit, decoder_layers, final_norm
 from tracker.model.windows import WindowSpec
 
 FORMAT = "tracker.refiner"
@@ -163,29 +164,6 @@ class WindowPromptBuilder:
         return EncodedWindow(ids, slots)
 
 
-class _EarlyExit(Exception):
-    pass
-
-
-def decoder_layers(llm: nn.Module) -> nn.ModuleList:
-    base = llm.base_model
-    for path in ("layers", "h", "encoder.layers", "decoder.layers"):
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ConfigError(f"head_layer: cannot find the decoder layers of {type(base).__name__}; use head_layer 0")
-
-
-def final_norm(llm: nn.Module) -> nn.Module:
-    base = llm.base_model
-    for name in ("norm", "final_layernorm", "ln_f"):
-        if isinstance(getattr(base, name, None), nn.Module):
-            return getattr(base, name)
-    return nn.Identity()
-
-
 def hidden_at(llm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
     """Hidden states (B, T, H) after decoder layer `layer` (0 = last), final-normed; stops the forward there."""
     if layer == 0:
@@ -194,12 +172,12 @@ def hidden_at(llm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     def stop_here(_module, _inputs, output):
         captured["h"] = output[0] if isinstance(output, tuple) else output
-        raise _EarlyExit
+        raise EarlyExit
 
     handle = decoder_layers(llm)[layer - 1].register_forward_hook(stop_here)
     try:
         llm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _EarlyExit:
+    except EarlyExit:
         pass
     finally:
         handle.remove()
