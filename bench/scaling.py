@@ -3,6 +3,7 @@
 Usage (real model; loads Gemma, so take the heavy-job lock):
     flock /tmp/tracker-heavy.lock python bench/scaling.py [--backbone gemma3-270m] [--checkpoint default]
         [--max-turns 16 --min-turns 8 --line-cap 48] [--points 1 10 50 200] [--batches 1 4 16 32] [--n-ref 48]
+        [--reference-checkpoint ~/.cache/tracker/ablations/ablation-lm-head/best]
 
 Every figure comes from this one run, side by side:
   1. ms per utterance at utterance 1, 10, 50, 200 of one long conversation (MELD dev dialogues in
@@ -27,6 +28,7 @@ import re
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -191,8 +193,34 @@ def parse_label(text: str, words: list[str]) -> int | None:
     return min(found)[1] if found else None
 
 
-def reference_style(rec: EmotionRecognizer, items: list[UtteranceInput], gen_tokens: int) -> tuple[list[int | None], float]:
+class FirstTokenIsALabel:
+    """A logits processor: the first generated token must be one of the label words' tokens.
+
+    The reference trains the LLM's full-vocabulary answer with an LM loss, so its greedy answer is a
+    label word; this repository's LM-head readout is trained as a softmax over the label words'
+    rows only, so unconstrained generation starts with whatever else scores highest (a newline).
+    Restricting step one to the label tokens gives the reference path the same decision at the
+    same cost (one masked row per step).
+    """
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids = torch.tensor(token_ids)
+        self.step = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        if self.step > 1:
+            return scores
+        masked = torch.full_like(scores, float("-inf"))
+        masked[:, self.token_ids] = scores[:, self.token_ids]
+        return masked
+
+
+def reference_style(rec: EmotionRecognizer, items: list[UtteranceInput], gen_tokens: int,
+                    constrain_first: bool = False) -> tuple[list[int | None], float]:
     """One utterance per forward, left-padded to the longest prompt, greedy `generate`, parse the text."""
+    from transformers import LogitsProcessorList
+
     encoded = [rec.encode(it) for it in items]
     width = max(len(e.input_ids) for e in encoded)
     tok = rec.backbone.tokenizer
@@ -206,8 +234,9 @@ def reference_style(rec: EmotionRecognizer, items: list[UtteranceInput], gen_tok
             batch = rec.collate([it], [padded])
             batch.attention_mask[0, :pad] = 0
             embeds = rec.input_embeddings(batch)
+            processors = LogitsProcessorList([FirstTokenIsALabel(rec.prompt.label_token_ids)] if constrain_first else [])
             out = rec.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask, max_new_tokens=gen_tokens,
-                                   do_sample=False, pad_token_id=rec.prompt.pad_token_id)
+                                   do_sample=False, pad_token_id=rec.prompt.pad_token_id, logits_processor=processors)
             text = tok.decode(out[0, -gen_tokens:] if out.shape[1] > gen_tokens else out[0], skip_special_tokens=True)
             labels.append(parse_label(text, list(rec.label_set.words)))
     return labels, time.perf_counter() - start
@@ -231,12 +260,20 @@ def versus_reference(args, shipped: EmotionRecognizer, windowed: EmotionRecogniz
         return [UtteranceInput(u.text, u.speaker, tuple(window_turns(past, len(past), p.context_turns, p.context_min_turns)))
                 for u, past in pairs]
 
-    # the paper's readout: the LLM answers with a label word after all layers (shipped prompt and adapter)
-    lm = EmotionRecognizer(shipped.backbone, dataclasses.replace(shipped.config, head="lm_head", head_layer=0))
-    lm.load_trainable_state_dict({k: v for k, v in shipped.trainable_state_dict().items() if k.startswith("adapter.")})
+    # the paper's readout: the LLM answers with a label word after all layers. A model trained that way
+    # (--reference-checkpoint, head lm_head) is the fair reference; without one the shipped adapter is
+    # read out through the LM head it was not trained for, and the reference's labels mean little.
+    if args.reference_checkpoint:
+        lm = EmotionRecognizer.from_pretrained(Path(args.reference_checkpoint).expanduser(), backbone=shipped.backbone)
+        if lm.config.head != "lm_head":
+            raise SystemExit(f"--reference-checkpoint: {args.reference_checkpoint} has head {lm.config.head!r}, not 'lm_head'")
+    else:
+        lm = EmotionRecognizer(shipped.backbone, dataclasses.replace(shipped.config, head="lm_head", head_layer=0))
+        lm.load_trainable_state_dict({k: v for k, v in shipped.trainable_state_dict().items() if k.startswith("adapter.")})
     ref_items = inputs(lm)
-    reference_style(lm, ref_items[:2], args.gen_tokens)  # warm-up
-    ref_labels, ref_secs = reference_style(lm, ref_items, args.gen_tokens)
+    constrain = bool(args.reference_checkpoint)  # see FirstTokenIsALabel
+    reference_style(lm, ref_items[:2], args.gen_tokens, constrain)  # warm-up
+    ref_labels, ref_secs = reference_style(lm, ref_items, args.gen_tokens, constrain)
     parsed = np.array([-1 if x is None else x for x in ref_labels])
     lm.predict_proba(ref_items[:4], batch_size=4)
     start = time.perf_counter()
@@ -291,6 +328,8 @@ def main() -> None:
     ap.add_argument("--batch-items", type=int, default=32, help="utterances timed per batch size (at least 2 rounds)")
     ap.add_argument("--n-ref", type=int, default=48)
     ap.add_argument("--gen-tokens", type=int, default=4)
+    ap.add_argument("--reference-checkpoint", default="",
+                    help="an adapter trained with head lm_head (configs/train/ablations/lm-head.yaml) for the reference path")
     ap.add_argument("--skip", nargs="*", default=[], choices=["growth", "batching", "reference"])
     args = ap.parse_args()
     started = time.time()
@@ -337,7 +376,8 @@ def main() -> None:
     if "reference" not in args.skip:
         r = versus_reference(args, shipped, windowed)
         ref = r["reference"]["utt_s"]
-        print(f"\n3. reference style vs the tracker on {r['n']} MELD dev utterances (generation of up to {r['gen_tokens']} tokens)")
+        print(f"\n3. reference style vs the tracker on {r['n']} MELD dev utterances (generation of up to {r['gen_tokens']} tokens; "
+              f"reference model: {args.reference_checkpoint + ', first token constrained to the label words' if args.reference_checkpoint else 'the shipped adapter read out through the LM head, untrained for it'})")
         print("| path | utt/s | vs reference | accuracy % | notes |")
         print("|---|---:|---:|---:|---|")
         print(f"| reference: 1 padded utterance per forward, greedy generate, parse | {ref:.2f} | 1.00x | "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -82,6 +83,7 @@ class EmotionModel:
         self.label.set_batch_wait_timeout_s(self.config.model.batch_wait_timeout_s)
         self.batches = 0
         self.items = 0
+        self.in_flight = 0  # utterances inside a forward right now
         self.labeler = None  # incremental labelling with per-conversation prefix caches (context_first models)
         if self.config.model.incremental and self.recognizer.config.prompt.layout == "context_first":
             from tracker.model.incremental import IncrementalLabeler
@@ -98,8 +100,8 @@ class EmotionModel:
                 "label_set_full": rec.label_set.to_dict(),
                 "context_turns": rec.config.prompt.context_turns,
                 "context_min_turns": rec.config.prompt.context_min_turns, "modalities": rec.modality_names,
-                "batches": self.batches, "items": self.items, "incremental": self.labeler is not None,
-                "kv_cache": self._cache_info()}
+                "batches": self.batches, "items": self.items, "in_flight": self.in_flight,
+                "incremental": self.labeler is not None, "kv_cache": self._cache_info(), "pid": os.getpid()}
 
     def _cache_info(self) -> dict[str, Any] | None:
         if self.labeler is None:
@@ -135,7 +137,11 @@ class EmotionModel:
     async def label(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.batches += 1
         self.items += len(items)
-        return await asyncio.to_thread(self._predict, items)
+        self.in_flight += len(items)
+        try:
+            return await asyncio.to_thread(self._predict, items)
+        finally:
+            self.in_flight -= len(items)
 
 
 @serve.deployment

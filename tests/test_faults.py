@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import uuid
 
 import httpx
@@ -135,47 +137,64 @@ def test_redis_restarted_mid_conversation_loses_and_duplicates_nothing(service, 
     assert context_handle().redis_retries.remote().result() > before  # the fault did hit calls in flight
 
 
-def _kill_replica(deployment: str) -> str:
+def model_handle():
+    from ray import serve
+
+    return serve.get_deployment_handle("EmotionModel", app_name="tracker")
+
+
+def _replica_names(deployment: str) -> list[str]:
     import ray
 
-    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
-    assert len(actors) == 1, actors
-    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
-    return actors[0]["name"]
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
 
 
 def test_inference_replica_killed_mid_batch_is_replaced_and_in_flight_utterances_are_retried(service):
-    n, cids = 16, [f"kill-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
-    before = httpx.get(f"{service.http_url}/healthz", timeout=60).json()["replica_retries"]
+    """The replica hangs (SIGSTOP) while conversations stream, so utterances pile up inside it, then dies (SIGKILL).
+
+    Freezing it first makes "in flight" certain rather than a race against a fast forward pass:
+    every utterance routed to it in that second is lost with it unless the ingress retries it.
+    """
+    n, cids = 16, [f"kill-{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
+    health0 = httpx.get(f"{service.http_url}/healthz", timeout=60).json()
+    replicas0 = _replica_names("EmotionModel")
+    assert len(replicas0) == 1, replicas0
+    pid = model_handle().info.remote().result()["pid"]
     got = {"n": 0}
-    killed: list[str] = []
+    killed: list[int] = []
 
     async def go():
-        async def kill_after_some_results():
+        async def hang_then_kill_after_some_results():
             while got["n"] < 6:
                 await asyncio.sleep(0.005)
-            killed.append(await asyncio.to_thread(_kill_replica, "EmotionModel"))
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(1.0)  # the streams go on: their next utterances reach the frozen replica and wait
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
 
         def count(_):
             got["n"] += 1
 
-        fault = asyncio.create_task(kill_after_some_results())
+        fault = asyncio.create_task(hang_then_kill_after_some_results())
         res = await asyncio.gather(*(call(service, cid, n, 0.0, count, audio=False) for cid in cids))
         await fault
         return res
 
-    results = run(go())
+    try:
+        results = run(go())
+    finally:
+        if not killed:
+            os.kill(pid, signal.SIGCONT)
     assert killed
     for cid, msgs in zip(cids, results):
         assert_exactly_once(service, cid, n, msgs)
     health = httpx.get(f"{service.http_url}/healthz", timeout=60).json()
     assert health["status"] == "ok"
-    # utterances in flight on the killed replica are retried by the ingress (counted here); when the kill
-    # lands between batches Ray Serve routes the queued ones to the new replica and nothing needs a retry
-    assert health["replica_retries"] >= before
-    print(f"replica kill: {health['replica_retries'] - before} utterance call(s) retried by the ingress")
-    actors = [a["name"] for a in __import__("ray").util.list_named_actors(all_namespaces=True) if "#EmotionModel#" in a["name"]]
-    assert actors and killed[0] not in actors  # a new replica serves now
+    retried = health["replica_retries"] - health0["replica_retries"]
+    print(f"replica kill: {retried} utterance call(s) retried by the ingress")
+    assert retried >= 1  # the utterances that were inside the dead replica were labelled again elsewhere
+    assert model_handle().info.remote().result()["pid"] != pid  # a new replica serves now
+    assert len(_replica_names("EmotionModel")) == 1
 
 
 def test_client_that_disconnects_and_resumes_gets_each_result_once_and_each_is_stored_once(service):
