@@ -99,12 +99,22 @@ def build_models(args) -> tuple[EmotionRecognizer, EmotionRecognizer, EmotionRec
         return rec
 
     header = 16  # "Conversation so far:" is a few tokens; room to spare
-    windowed = variant(dataclasses.replace(
-        shipped.config.prompt, layout="context_first", context_turns=args.max_turns, context_min_turns=args.min_turns,
-        max_context_line_tokens=args.line_cap, max_context_tokens=header + args.max_turns * args.line_cap))
+    own = shipped.config.prompt
+    if own.layout == "context_first" and args.max_turns is None:  # a model trained for the cache: its own window
+        args.max_turns, args.min_turns, args.line_cap = own.context_turns, own.context_min_turns or own.context_turns, own.max_context_line_tokens
+        windowed = variant(own)
+    else:
+        args.max_turns = args.max_turns or 16
+        args.min_turns = args.min_turns or 8
+        args.line_cap = args.line_cap or 48
+        windowed = variant(dataclasses.replace(
+            own, layout="context_first", context_turns=args.max_turns, context_min_turns=args.min_turns,
+            max_context_line_tokens=args.line_cap, max_context_tokens=header + args.max_turns * args.line_cap))
     history = max(args.points) + 1
     everything = variant(dataclasses.replace(
         windowed.config.prompt, context_turns=history, context_min_turns=None, max_context_tokens=header + history * args.line_cap))
+    if own.layout == "context_first":
+        what += f"; trained in this layout"
     return shipped, windowed, everything, what
 
 
@@ -319,9 +329,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="default", help="default (the shipped adapter), a directory, or none (untrained)")
     ap.add_argument("--head-layer", type=int, default=12, help="with --checkpoint none")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--max-turns", type=int, default=16)
-    ap.add_argument("--min-turns", type=int, default=8)
-    ap.add_argument("--line-cap", type=int, default=48)
+    ap.add_argument("--max-turns", type=int, default=None, help="window for a pseudo_first model (default 16; a context_first model keeps its own)")
+    ap.add_argument("--min-turns", type=int, default=None, help="default 8")
+    ap.add_argument("--line-cap", type=int, default=None, help="default 48")
     ap.add_argument("--points", type=int, nargs="+", default=[1, 10, 50, 200])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
@@ -387,7 +397,8 @@ def main() -> None:
         print(f"| tracker, shipped model as shipped (linear head on its layer), batch 16 | {r['shipped']['utt_s']:.2f} | "
               f"{r['shipped']['utt_s'] / ref:.2f}x | {r['shipped']['accuracy']:.1f} | |")
         print(f"| tracker serving path: context_first + prefix caches, dialogues batched | {r['incremental']['utt_s']:.2f} | "
-              f"{r['incremental']['utt_s'] / ref:.2f}x | {r['incremental']['accuracy']:.1f} | weights not trained for this layout |")
+              f"{r['incremental']['utt_s'] / ref:.2f}x | {r['incremental']['accuracy']:.1f} | "
+              f"{'the model as trained' if shipped.config.prompt.layout == 'context_first' else 'weights not trained for this layout'} |")
 
     print(f"\n5. peak resident memory: {rss_mib():.0f} MiB for the process (before the model {base_rss:.0f} MiB, "
           f"after loading {model_rss:.0f} MiB)")

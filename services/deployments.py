@@ -79,11 +79,11 @@ class EmotionModel:
     def __init__(self, args: dict[str, Any]):
         self.config = load_app_config(args)
         self.recognizer = load_serving_recognizer(self.config)
-        self.label.set_max_batch_size(self.config.model.max_batch_size)
-        self.label.set_batch_wait_timeout_s(self.config.model.batch_wait_timeout_s)
+        self._label_batch.set_max_batch_size(self.config.model.max_batch_size)
+        self._label_batch.set_batch_wait_timeout_s(self.config.model.batch_wait_timeout_s)
         self.batches = 0
         self.items = 0
-        self.in_flight = 0  # utterances inside a forward right now
+        self.in_flight = 0  # utterances this replica accepted and has not answered (waiting for a batch or in one)
         self.labeler = None  # incremental labelling with per-conversation prefix caches (context_first models)
         if self.config.model.incremental and self.recognizer.config.prompt.layout == "context_first":
             from tracker.model.incremental import IncrementalLabeler
@@ -109,6 +109,13 @@ class EmotionModel:
         cache = self.labeler.cache
         return {"conversations": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes, **cache.stats.to_dict()}
 
+    def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Retune this replica's batching while it serves (a new replica starts with the configured values)."""
+        if max_batch_size < 1 or batch_wait_timeout_s < 0:
+            raise ValueError("max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
+        self._label_batch.set_max_batch_size(max_batch_size)
+        self._label_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
     def forget(self, conversation_id: str) -> None:
         """Drop an ended conversation's prefix cache (a later utterance would rebuild it)."""
         if self.labeler is not None:
@@ -133,15 +140,19 @@ class EmotionModel:
         preds = self.recognizer.to_predictions(probs)
         return [{"label": p.label, "probabilities": p.probabilities, "score": p.score} for p in preds]
 
+    async def label(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Label one utterance; concurrent calls are batched into one forward."""
+        self.in_flight += 1
+        try:
+            return await self._label_batch(item)
+        finally:
+            self.in_flight -= 1
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def label(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _label_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.batches += 1
         self.items += len(items)
-        self.in_flight += len(items)
-        try:
-            return await asyncio.to_thread(self._predict, items)
-        finally:
-            self.in_flight -= len(items)
+        return await asyncio.to_thread(self._predict, items)
 
 
 @serve.deployment

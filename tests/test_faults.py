@@ -119,7 +119,8 @@ def test_redis_restarted_mid_conversation_loses_and_duplicates_nothing(service, 
         async def restart_after_some_results():
             while got["n"] < 8:
                 await asyncio.sleep(0.02)
-            await asyncio.to_thread(redis_server.restart)  # SIGTERM (the AOF is flushed), start on the same socket
+            # SIGTERM (the AOF is flushed), down for 1 s while the calls stream on, start on the same socket
+            await asyncio.to_thread(redis_server.restart, 1.0)
             restarted.set()
 
         def count(_):
@@ -150,51 +151,59 @@ def _replica_names(deployment: str) -> list[str]:
 
 
 def test_inference_replica_killed_mid_batch_is_replaced_and_in_flight_utterances_are_retried(service):
-    """The replica hangs (SIGSTOP) while conversations stream, so utterances pile up inside it, then dies (SIGKILL).
+    """The replica hangs (SIGSTOP) while it holds accepted utterances, then dies (SIGKILL).
 
-    Freezing it first makes "in flight" certain rather than a race against a fast forward pass:
-    every utterance routed to it in that second is lost with it unless the ingress retries it.
+    Ray Serve's router re-sends by itself a request the replica had not yet accepted; one the
+    replica accepted is lost with it unless the ingress retries it, so the fault is injected only
+    when the replica reports accepted utterances (`in_flight`). Its batches wait up to 1 s to fill
+    (a real serving knob, retuned on this replica only), so those utterances are still inside it
+    when it freezes.
     """
     n, cids = 16, [f"kill-{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
     health0 = httpx.get(f"{service.http_url}/healthz", timeout=60).json()
-    replicas0 = _replica_names("EmotionModel")
-    assert len(replicas0) == 1, replicas0
+    assert len(_replica_names("EmotionModel")) == 1
+    model_handle().set_batching.remote(8, 1.0).result()
     pid = model_handle().info.remote().result()["pid"]
     got = {"n": 0}
-    killed: list[int] = []
+    frozen_with: list[int] = []
 
     async def go():
-        async def hang_then_kill_after_some_results():
+        async def hang_then_kill_mid_batch():
             while got["n"] < 6:
                 await asyncio.sleep(0.005)
-            os.kill(pid, signal.SIGSTOP)
-            await asyncio.sleep(1.0)  # the streams go on: their next utterances reach the frozen replica and wait
+            while True:  # the replica answers while its batch waits: freeze it when it holds utterances
+                held = (await model_handle().info.remote())["in_flight"]
+                if held:
+                    os.kill(pid, signal.SIGSTOP)
+                    frozen_with.append(held)
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(1.0)  # the streams go on: their next utterances wait for the frozen replica
             os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
 
         def count(_):
             got["n"] += 1
 
-        fault = asyncio.create_task(hang_then_kill_after_some_results())
+        fault = asyncio.create_task(hang_then_kill_mid_batch())
         res = await asyncio.gather(*(call(service, cid, n, 0.0, count, audio=False) for cid in cids))
         await fault
         return res
 
     try:
         results = run(go())
-    finally:
-        if not killed:
-            os.kill(pid, signal.SIGCONT)
-    assert killed
+    except BaseException:
+        os.kill(pid, signal.SIGCONT)
+        raise
+    assert frozen_with
     for cid, msgs in zip(cids, results):
         assert_exactly_once(service, cid, n, msgs)
     health = httpx.get(f"{service.http_url}/healthz", timeout=60).json()
     assert health["status"] == "ok"
     retried = health["replica_retries"] - health0["replica_retries"]
-    print(f"replica kill: {retried} utterance call(s) retried by the ingress")
-    assert retried >= 1  # the utterances that were inside the dead replica were labelled again elsewhere
-    assert model_handle().info.remote().result()["pid"] != pid  # a new replica serves now
-    assert len(_replica_names("EmotionModel")) == 1
+    print(f"replica kill: frozen holding {frozen_with[0]} utterance(s); {retried} call(s) retried by the ingress")
+    assert retried >= 1  # the utterances that died with the replica were labelled again by its replacement
+    info = model_handle().info.remote().result()
+    assert info["pid"] != pid and len(_replica_names("EmotionModel")) == 1  # a new replica serves now
 
 
 def test_client_that_disconnects_and_resumes_gets_each_result_once_and_each_is_stored_once(service):

@@ -208,10 +208,11 @@ class EmbeddedRedis:
             proc.stderr.close()
         self._process = None
 
-    def restart(self) -> "EmbeddedRedis":
-        """Stop and start again on the same socket/port; with ``appendonly`` the data survives."""
+    def restart(self, down_s: float = 0.0) -> "EmbeddedRedis":
+        """Stop, stay down `down_s` seconds, start again on the same socket/port; with ``appendonly`` the data survives."""
         with self._lock:
             self._kill()
+        time.sleep(down_s)
         return self.start()
 
     def stop(self) -> None:
