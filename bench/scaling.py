@@ -400,7 +400,7 @@ def main() -> None:
               f"{r['incremental']['utt_s'] / ref:.2f}x | {r['incremental']['accuracy']:.1f} | "
               f"{'the model as trained' if shipped.config.prompt.layout == 'context_first' else 'weights not trained for this layout'} |")
 
-    print(f"\n5. peak resident memory: {rss_mib():.0f} MiB for the process (before the model {base_rss:.0f} MiB, "
+    print(f"\n4. peak resident memory: {rss_mib():.0f} MiB for the process (before the model {base_rss:.0f} MiB, "
           f"after loading {model_rss:.0f} MiB)")
     print(f"run time {time.time() - started:.0f} s")
 
