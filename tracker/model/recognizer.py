@@ -9,6 +9,7 @@ set. No text is generated, so there is nothing to parse and no parse failure.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -291,6 +292,13 @@ class EmotionRecognizer(nn.Module):
         """How many decoder layers the head needs (and a key/value cache holds)."""
         return self.config.head_layer or self.backbone.num_layers
 
+    def _cache_kwarg(self) -> str:
+        """The name the LLM's forward gives its key/value cache: `cache` in recent transformers, else `past_key_values`."""
+        if not hasattr(self, "_cache_kwarg_name"):
+            params = inspect.signature(self.llm.base_model.forward).parameters
+            self._cache_kwarg_name = "cache" if "cache" in params else "past_key_values"
+        return self._cache_kwarg_name
+
     def head_hidden(
         self,
         embeds: torch.Tensor,
@@ -310,7 +318,8 @@ class EmotionRecognizer(nn.Module):
         k = self.config.head_layer
         use_cache = past_key_values is not None
         kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, use_cache=use_cache)
+                      use_cache=use_cache)
+        kwargs[self._cache_kwarg()] = past_key_values
         if k == 0:
             out = self.llm.base_model(**kwargs)
             return out.last_hidden_state[rows, index]  # (B, H)
