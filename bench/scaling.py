@@ -38,7 +38,7 @@ from tracker.model.backbone import load_backbone
 from tracker.model.context_window import window_turns
 from tracker.model.incremental import IncrementalLabeler
 from tracker.model.inputs import Turn, UtteranceInput
-from tracker.model.prompt import PromptBuilder, PromptConfig
+from tracker.model.prompt import PromptConfig
 from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
 
 
@@ -114,7 +114,7 @@ def build_models(args) -> tuple[EmotionRecognizer, EmotionRecognizer, EmotionRec
     everything = variant(dataclasses.replace(
         windowed.config.prompt, context_turns=history, context_min_turns=None, max_context_tokens=header + history * args.line_cap))
     if own.layout == "context_first":
-        what += f"; trained in this layout"
+        what += "; trained in this layout"
     return shipped, windowed, everything, what
 
 

@@ -122,6 +122,8 @@ class EmotionRecognizer(nn.Module):
         self.config = config
         self.backbone = backbone
         self.llm = backbone.model  # registered as a submodule; frozen
+        # the keyword the LLM's forward takes its key/value cache by: `cache` in transformers 5.2x, `past_key_values` before
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.llm.base_model.forward).parameters else "past_key_values"
         self.label_set = label_set or get_label_set(config.label_set)
         self.adapter = MSEAdapter(config.adapter)
         self.prompt = PromptBuilder(backbone.tokenizer, self.label_set, config.prompt, config.adapter.n_pseudo_tokens)
@@ -292,13 +294,6 @@ class EmotionRecognizer(nn.Module):
         """How many decoder layers the head needs (and a key/value cache holds)."""
         return self.config.head_layer or self.backbone.num_layers
 
-    def _cache_kwarg(self) -> str:
-        """The name the LLM's forward gives its key/value cache: `cache` in recent transformers, else `past_key_values`."""
-        if not hasattr(self, "_cache_kwarg_name"):
-            params = inspect.signature(self.llm.base_model.forward).parameters
-            self._cache_kwarg_name = "cache" if "cache" in params else "past_key_values"
-        return self._cache_kwarg_name
-
     def head_hidden(
         self,
         embeds: torch.Tensor,
@@ -317,9 +312,8 @@ class EmotionRecognizer(nn.Module):
         """
         k = self.config.head_layer
         use_cache = past_key_values is not None
-        kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=use_cache)
-        kwargs[self._cache_kwarg()] = past_key_values
+        kwargs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "use_cache": use_cache, self._cache_kwarg: past_key_values}
         if k == 0:
             out = self.llm.base_model(**kwargs)
             return out.last_hidden_state[rows, index]  # (B, H)
