@@ -13,15 +13,28 @@ from pathlib import Path
 from typing import Any
 
 
-def state_path() -> Path:
-    """$TRACKER_CACHE_DIR/local-service.json (default $XDG_CACHE_HOME/tracker or ~/.cache/tracker)."""
+def local_dir() -> Path:
+    """$TRACKER_CACHE_DIR, else $XDG_CACHE_HOME/tracker, else ~/.cache/tracker."""
     explicit = os.environ.get("TRACKER_CACHE_DIR")
     if explicit:
-        base = Path(explicit).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tracker"
-    return base / "local-service.json"
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tracker"
+
+
+def state_path() -> Path:
+    """<local dir>/local-service.json: where the running local service is (removed when it stops)."""
+    return local_dir() / "local-service.json"
+
+
+def redis_data_dir() -> Path:
+    """<local dir>/redis: the embedded Redis's data (append-only file) of `tracker serve` without --ephemeral."""
+    return local_dir() / "redis"
+
+
+def key_path() -> Path:
+    """<local dir>/local-api-key: the local service's key, kept across restarts (mode 0600)."""
+    return local_dir() / "local-api-key"
 
 
 def read_state() -> dict[str, Any]:

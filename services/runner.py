@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -33,6 +35,10 @@ class LocalService:
     num_cpus: int | None = None
     api_key: str | None = None  # a key to reuse if it is valid in this Redis; else start() creates one
     key_tenant: str = "default"
+    # The embedded Redis (when no redis_url/REDIS_URL is given) keeps its data here with the
+    # append-only file on, so history and API keys survive a restart; None = a throwaway temp dir.
+    redis_dir: str | Path | None = None
+    key_file: str | Path | None = None  # where the local key is remembered across restarts (mode 0600)
     _redis: Any = None
     _ray_started: bool = False
     _running: bool = False
@@ -63,14 +69,26 @@ class LocalService:
         if not config.auth.enabled:
             self.api_key = None
             return
+        remembered = Path(self.key_file) if self.key_file else None
         keys = KeyStore(self.redis_url, config.store.key_prefix)
         try:
-            if not (self.api_key and keys.verify(self.api_key)):
-                self.api_key, _ = keys.create(self.key_tenant, name="local (tracker serve)")
+            candidates = [self.api_key, _read_secret(remembered) if remembered else None]
+            valid = [k for k in candidates if k and keys.verify(k)]
+            self.api_key = valid[0] if valid else keys.create(self.key_tenant, name="local (tracker serve)")[0]
         finally:
             keys.redis.close()
+        if remembered is not None:
+            _write_secret(remembered, self.api_key)
 
     def start(self, timeout_s: float = 300.0) -> "LocalService":
+        """Start Redis, Ray and the app; whatever was started is stopped again if this fails or is interrupted."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> "LocalService":
         for k, v in RAY_ENV.items():
             os.environ.setdefault(k, v)
         import ray
@@ -81,13 +99,18 @@ class LocalService:
         if not self.args.get("redis_url") and not os.environ.get("REDIS_URL"):
             from tracker.context.redis_server import EmbeddedRedis
 
-            self._redis = EmbeddedRedis()
+            persistent = self.redis_dir is not None
+            self._redis = EmbeddedRedis(self.redis_dir, appendonly=persistent, startup_timeout=120 if persistent else 10,
+                                        start=False)
             self._redis.start()
             self.args = {**self.args, "redis_url": self._redis.url}
         self._ensure_key()
         if not ray.is_initialized():
+            keep = signal.getsignal(signal.SIGTERM)
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, configure_logging=False)
+            if threading.current_thread() is threading.main_thread() and keep is not None:
+                signal.signal(signal.SIGTERM, keep)  # ray.init makes SIGTERM sys.exit(15); the process's owner decides
             self._ray_started = True
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # start-up chatter is not for users
         serve.start(http_options={"host": self.host, "port": self.port}, logging_config={"log_level": "WARNING"})
@@ -127,24 +150,43 @@ class LocalService:
         return (app.message or "") + (" | " + " | ".join(details) if details else "")
 
     def stop(self) -> None:
+        """Stop the app and Serve, then Ray and the embedded Redis if this object started them. Safe to call twice."""
         import ray
         from ray import serve
 
         self._running = False
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
         finally:
-            if self._ray_started and ray.is_initialized():
-                ray.shutdown()
-            if self._redis is not None:
-                self._redis.stop()
-                self._redis = None
+            try:
+                if self._ray_started and ray.is_initialized():
+                    ray.shutdown()
+                    self._ray_started = False
+            finally:
+                if self._redis is not None:
+                    self._redis.stop()  # SIGTERM: the AOF is fsynced before it exits
+                    self._redis = None
 
     def __enter__(self) -> "LocalService":
         return self if self._running else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _read_secret(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a key: owner only
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(value + "\n")
 
 
 def service_from_file(path: str | Path = LOCAL_CONFIG, **overrides: Any) -> LocalService:

@@ -21,12 +21,42 @@ def tiny_backbone():
     return load_backbone("tiny", dtype="fp32", seed=0)
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_data(*relative: str, dataset: str | None = None) -> Path:
+    """The data folder, if it holds `relative` (files or folders under it); else skip the test with a
+    reason naming the folder and where the data comes from. Under CI (CI=true) missing data fails."""
+    from tracker.data.sources import missing_data_message
+
+    path = Path(os.environ["TRACKER_DATA_DIR"])
+    absent = [r for r in relative if not (path / r).exists()] if path.is_dir() else [""]
+    if absent:
+        where = path / absent[0] if absent[0] else path
+        msg = missing_data_message(where, dataset)
+        if in_ci():
+            pytest.fail(f"CI=true and the data is missing: {msg}", pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = Path(os.environ["TRACKER_DATA_DIR"])
-    if not path.is_dir():
-        pytest.skip(f"shared data not found at {path}")
-    return path
+    """The shared data folder with every dataset of tracker.data.sources in it."""
+    from tracker.data.sources import SOURCES
+
+    return require_data(*(f"{s.folder}/{f}" for s in SOURCES.values() for f in s.files))
+
+
+@pytest.fixture(scope="session")
+def meld_dir() -> Path:
+    return require_data("meld/dev_sent_emo.csv", "meld/train_sent_emo.csv", dataset="meld")
+
+
+@pytest.fixture(scope="session")
+def ravdess_dir() -> Path:
+    return require_data("ravdess_16k/labels.csv", dataset="ravdess")
 
 
 def free_port() -> int:

@@ -14,11 +14,13 @@ from tracker.config import ConfigError, load_dataclass
 
 
 @pytest.fixture(scope="module")
-def ravdess_file(data_dir: Path) -> Path:
-    root = data_dir / "ravdess_16k"
+def ravdess_file(ravdess_dir: Path) -> Path:
+    root = ravdess_dir / "ravdess_16k"
     files = sorted(root.glob("Actor_01/*.flac")) or sorted(root.rglob("*.flac")) or sorted(root.rglob("*.wav"))
     if not files:
-        pytest.skip(f"no RAVDESS audio under {root}")
+        from tests.conftest import require_data
+
+        require_data("ravdess_16k/Actor_01", dataset="ravdess")
     return files[0]
 
 

@@ -19,7 +19,7 @@ def test_majority_class_breaks_ties_by_lowest_id():
     assert baselines.majority_class(np.array([3]), 5) == 3
 
 
-def test_majority_on_meld_dev_is_the_neutral_share(data_dir):
+def test_majority_on_meld_dev_is_the_neutral_share(meld_dir, ravdess_dir):
     rows = {r.dataset: r for r in baselines.run_majority()}
     meld = rows["meld"]
     assert meld.params == {"class": "neutral"}

@@ -206,10 +206,7 @@ def test_round_trip(tmp_path, clip):
         outside.unlink()
 
 
-def test_round_trip_of_real_meld_dialogues(tmp_path):
-    try:
-        convs = load_dataset("meld:dev")[:10]
-    except FileNotFoundError as exc:
-        pytest.skip(f"shared data missing: {exc}")
+def test_round_trip_of_real_meld_dialogues(tmp_path, meld_dir):
+    convs = load_dataset("meld:dev")[:10]
     out = write_jsonl(convs, tmp_path / "meld.jsonl")
     assert read_jsonl(out, label_set=MELD7) == convs

@@ -27,11 +27,8 @@ from tracker.model.inputs import Turn
 
 
 @pytest.fixture(scope="module")
-def shared() -> Path:
-    root = data_dir()
-    if not root.is_dir():
-        pytest.skip(f"shared data not found at {root} (set TRACKER_DATA_DIR)")
-    return root
+def shared(data_dir) -> Path:
+    return data_dir
 
 
 @pytest.fixture(scope="module")

@@ -207,7 +207,7 @@ def test_eager_attention_masks_match_too():
 
 # ---------------------------------------------------------------------- the real model
 @pytest.mark.slow
-def test_gemma_incremental_equals_full_across_the_sliding_attention_window():
+def test_gemma_incremental_equals_full_across_the_sliding_attention_window(meld_dir):
     """Gemma-3 mixes sliding-window (512) and global layers: prompts here are longer than 512 tokens."""
     from tracker.data import load_dataset
     from tracker.model.backbone import load_backbone

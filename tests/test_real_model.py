@@ -34,7 +34,7 @@ def test_gemma_loads_from_the_cache_frozen_with_the_expected_shape(gemma):
     assert len(ids) == 1
 
 
-def test_shipped_adapter_labels_five_meld_dev_utterances_with_valid_distributions(gemma):
+def test_shipped_adapter_labels_five_meld_dev_utterances_with_valid_distributions(gemma, meld_dir):
     from tracker.model.default import default_checkpoint
     from tracker.model.recognizer import EmotionRecognizer
 
@@ -48,7 +48,7 @@ def test_shipped_adapter_labels_five_meld_dev_utterances_with_valid_distribution
         assert p.label in MELD7.labels
 
 
-def test_untrained_adapter_on_gemma_also_gives_valid_distributions(gemma):
+def test_untrained_adapter_on_gemma_also_gives_valid_distributions(gemma, meld_dir):
     from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
 
     rec = EmotionRecognizer(gemma, RecognizerConfig())
@@ -57,7 +57,7 @@ def test_untrained_adapter_on_gemma_also_gives_valid_distributions(gemma):
     assert rec.adapter.config.llm_hidden_size == 640
 
 
-def test_shipped_refiner_refines_a_meld_dev_dialogue_with_one_forward_per_window(gemma):
+def test_shipped_refiner_refines_a_meld_dev_dialogue_with_one_forward_per_window(gemma, meld_dir):
     from tracker.model.default import default_checkpoint
     from tracker.model.recognizer import EmotionRecognizer
     from tracker.model.refine import Refiner, refine_conversation
@@ -79,7 +79,7 @@ def test_shipped_refiner_refines_a_meld_dev_dialogue_with_one_forward_per_window
     assert final.shape == base.shape and np.allclose(final.sum(1), 1, atol=1e-5) and (final >= 0).all()
 
 
-def test_shipped_adapter_hears_emotion_in_ravdess_dev_audio(gemma):
+def test_shipped_adapter_hears_emotion_in_ravdess_dev_audio(gemma, ravdess_dir):
     """RAVDESS's two statements carry no emotion in their words, so this is the audio path's figure."""
     from tracker.labels import MELD7
     from tracker.model.default import default_checkpoint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -218,11 +219,14 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner", default=None,
                    help="conversation-level refinement: 'default' (the shipped refiner) or a refiner directory; "
                         "labels then come as interim, then final")
+    p.add_argument("--ephemeral", action="store_true",
+                   help="the embedded Redis keeps nothing: history and API keys are gone when the service stops "
+                        "(default: kept in the cache directory with Redis's append-only file)")
 
 
 def _start_service(args: argparse.Namespace):
     """Start the local service; reuse the last local key if this Redis still knows it; record where it runs."""
-    from clients.local import read_state, write_state
+    from clients.local import key_path, read_state, redis_data_dir, write_state
     from services.runner import LOCAL_CONFIG, service_from_file
 
     overrides = {}
@@ -234,9 +238,35 @@ def _start_service(args: argparse.Namespace):
     if getattr(args, "refiner", None):
         service.args = {**service.args, "refine": {**service.args.get("refine", {}), "checkpoint": args.refiner}}
     service.api_key = read_state().get("api_key")
+    if not getattr(args, "ephemeral", False):
+        service.redis_dir, service.key_file = redis_data_dir(), key_path()
     service.start()
-    write_state(http_url=service.http_url, ws_url=service.ws_url, redis_url=service.redis_url, api_key=service.api_key)
+    write_state(http_url=service.http_url, ws_url=service.ws_url, redis_url=service.redis_url, api_key=service.api_key,
+                pid=os.getpid())
     return service
+
+
+def _run_service(args: argparse.Namespace, then=None) -> int:
+    """Start the local service, run `then(service)` (default: serve until stopped), stop everything.
+
+    SIGTERM and SIGINT (also when the process started with SIGINT ignored) stop the app, Serve, Ray
+    and the embedded Redis and remove the state file; the exit code is then 0.
+    """
+    from services.lifecycle import StopRequested, stop_signals, wait_forever
+
+    service, code = None, 0
+    with stop_signals() as guard:
+        try:
+            service = _start_service(args)
+            code = (then or (lambda s: wait_forever()))(service) or 0
+        except StopRequested as stop:
+            print(f"{stop}: stopping the service ...", file=sys.stderr, flush=True)
+        finally:
+            guard.stopping()
+            if service is not None:
+                service.stop()
+            _forget_service()
+    return code
 
 
 def _print_key(service) -> None:
@@ -249,37 +279,35 @@ def _print_key(service) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start local Ray, Redis (embedded unless REDIS_URL is set) and the tracker application."""
-    import time
+    from services.lifecycle import wait_forever
 
     print("starting the tracker service (the first start converts the embedded LLM, about a minute) ...", flush=True)
-    service = _start_service(args)
-    print(f"serving: WebSocket {service.ws_url}")
-    print(f"         REST      {service.http_url}/v1/conversations   docs {service.http_url}/docs")
-    print(f"         dashboard {service.http_url}/")
-    _print_key(service)
-    print("Ctrl-C stops it.", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        service.stop()
-        _forget_service()
-    return 0
+
+    def serve_forever(service) -> int:
+        print(f"serving: WebSocket {service.ws_url}")
+        print(f"         REST      {service.http_url}/v1/conversations   docs {service.http_url}/docs")
+        print(f"         dashboard {service.http_url}/")
+        _print_key(service)
+        print(_storage_note(service))
+        print(f"Ctrl-C or SIGTERM (kill {os.getpid()}) stops it.", flush=True)
+        wait_forever()
+        return 0
+
+    return _run_service(args, serve_forever)
+
+
+def _storage_note(service) -> str:
+    if not service.redis_dir:
+        return ("history  " + ("in the Redis at $REDIS_URL" if service.redis_url and service._redis is None
+                               else "kept only while the service runs (--ephemeral)"))
+    return f"history  kept in {service.redis_dir} (Redis append-only file; --ephemeral keeps nothing)"
 
 
 def _forget_service() -> None:
-    """The embedded Redis is gone with the service, and so is the key; keep it only for an external Redis."""
-    import os
+    """The service is gone: remove the state file that told clients where it was."""
+    from clients.local import remove_state
 
-    from clients.local import read_state, remove_state, write_state
-
-    if os.environ.get("REDIS_URL"):
-        state = read_state()
-        write_state(api_key=state.get("api_key"), redis_url=state.get("redis_url"))
-    else:
-        remove_state()
+    remove_state()
 
 
 cmd_serve.configure = _configure_serve
@@ -289,7 +317,9 @@ command("serve", "run the tracker service on this machine")(cmd_serve)
 def _configure_demo(p: argparse.ArgumentParser) -> None:
     _configure_serve(p)
     p.add_argument("--speed", type=float, default=2.0, help="playback speed of the demo call (1 = real time)")
-    p.add_argument("--keep-serving", action="store_true", help="keep the service (and dashboard) up after the call")
+    p.add_argument("--keep-serving", action="store_true",
+                   help="keep the service (and dashboard) up after the call until Ctrl-C or SIGTERM "
+                        "(the default when run from a terminal)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -306,9 +336,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo call: {meta['source']}, {recording.duration_ms / 1000:.0f} s, speakers {', '.join(recording.speakers)}")
     print("starting the tracker service (Ray Serve + Redis; the first start converts the embedded LLM, about a minute) ...", flush=True)
     t0 = time.time()
-    service = _start_service(args)
-    print(f"service up in {time.time() - t0:.0f} s at {service.http_url}", flush=True)
-    _print_key(service)
     conversation_id = f"demo-{uuid.uuid4().hex[:8]}"
 
     def show(msg: dict) -> None:
@@ -324,23 +351,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         elif msg.get("type") == "error":
             print(f"error {msg['code']}: {msg['message']}", flush=True)
 
-    try:
+    def stream_demo(service) -> int:
+        from services.lifecycle import wait_forever
+
+        print(f"service up in {time.time() - t0:.0f} s at {service.http_url}", flush=True)
+        _print_key(service)
         out = asyncio.run(stream_recording(service.ws_url, conversation_id, recording, speed=args.speed, on_message=show,
                                            headers=service.auth_headers))
         print(f"{len(out.results)} utterances labelled; stored in Redis as conversation {conversation_id}")
-        print(f"REST:      {service.http_url}/v1/conversations/{conversation_id}   (with the API key)")
-        print(f"Dashboard: {service.http_url}/#conversation={conversation_id}&key={service.api_key or ''}")
         if args.keep_serving or sys.stdin.isatty():
-            print("The service keeps running; Ctrl-C stops it.", flush=True)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
-    finally:
-        service.stop()
-        _forget_service()
-    return 0 if out.results else 1
+            print(f"REST:      {service.http_url}/v1/conversations/{conversation_id}   (with the API key)")
+            print(f"Dashboard: {service.http_url}/#conversation={conversation_id}&key={service.api_key or ''}")
+            print(f"The service keeps running; Ctrl-C (or kill {os.getpid()}) stops it.", flush=True)
+            wait_forever()
+        elif service.redis_dir:
+            print("The service stops now. The call is kept: `tracker serve` serves it again (REST "
+                  f"/v1/conversations/{conversation_id} and the dashboard); `tracker demo --keep-serving` keeps the "
+                  "service up after the call.", flush=True)
+        else:
+            print("The service stops now (--ephemeral: the call is not kept); `tracker demo --keep-serving` keeps it "
+                  "up after the call.", flush=True)
+        return 0 if out.results else 1
+
+    return _run_service(args, stream_demo)
 
 
 cmd_demo.configure = _configure_demo
@@ -455,6 +488,69 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 cmd_keys.configure = _configure_keys
 command("keys", "create, list or revoke API keys (each belongs to a tenant)")(cmd_keys)
+
+
+def _configure_data(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_action", required=True, metavar="{check,prepare}")
+    check = sub.add_parser("check", help="list which datasets the data folder holds and what is missing",
+                           description="list which datasets the data folder holds and what is missing")
+    check.add_argument("--root", default=None, help="the data folder (default: $TRACKER_DATA_DIR, else ../shared/data)")
+    prep = sub.add_parser("prepare", help="build a dataset's folder from its official download",
+                          description="build a dataset's folder from its official download")
+    prep.add_argument("dataset", choices=["ravdess", "meld"],
+                      help="ravdess: the Audio_Speech_Actors_01-24.zip release (zip or folder) -> ravdess_16k/; "
+                           "meld: a declare-lab/MELD checkout -> meld/ and emorynlp/")
+    prep.add_argument("src", help="the download: RAVDESS zip or folder, or the MELD repository checkout")
+    prep.add_argument("--root", default=None, help="the data folder to write into (default: $TRACKER_DATA_DIR, else ../shared/data)")
+    prep.add_argument("--actors", default="", help="ravdess: keep only these actors, e.g. 1-20 (default: all in the release)")
+    prep.add_argument("--overwrite", action="store_true", help="replace what is already there")
+
+
+def _actor_range(text: str) -> set[int] | None:
+    if not text:
+        return None
+    out: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """`data check`: what the data folder holds; `data prepare`: build a dataset's folder from its download."""
+    from pathlib import Path
+
+    from tracker.data.paths import data_dir
+    from tracker.data.sources import check_data, format_check
+
+    root = Path(args.root).expanduser() if args.root else data_dir()
+    if args.data_action == "check":
+        statuses = check_data(root)
+        print(format_check(statuses, root))
+        return 0 if all(s.ok for s in statuses) else 1
+    from tracker.data.prepare import prepare_meld, prepare_ravdess
+
+    if args.dataset == "meld":
+        for path in prepare_meld(args.src, root, overwrite=args.overwrite):
+            print(f"wrote {path}")
+        return 0
+    bar = _progress_bar(desc="ravdess", unit="clip")
+    labels = prepare_ravdess(args.src, root / "ravdess_16k", actors=_actor_range(args.actors), overwrite=args.overwrite,
+                             progress=lambda n, name: bar.update(1))
+    bar.close()
+    print(f"wrote {labels.parent} ({sum(1 for _ in labels.open()) - 1} clips, labels.csv)")
+    return 0
+
+
+def _progress_bar(**kwargs):
+    """A tqdm bar on a terminal; nothing (no carriage returns in log files) otherwise."""
+    from tracker.progress import progress_bar
+
+    return progress_bar(**kwargs)
+
+
+cmd_data.configure = _configure_data
+command("data", "check the data folder, or prepare a dataset from its official download")(cmd_data)
 
 
 def build_parser() -> argparse.ArgumentParser:

