@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -10,7 +11,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -156,23 +157,65 @@ class LocalService:
 
         self._running = False
         try:
-            if ray.is_initialized():
-                serve.shutdown()
+            with _console_to(_shutdown_log()):  # Ray reports the actors it kills on the way down: not for the user
+                try:
+                    if ray.is_initialized():
+                        serve.shutdown()
+                finally:
+                    if self._ray_started and ray.is_initialized():
+                        ray.shutdown()
+                        self._ray_started = False
         finally:
-            try:
-                if self._ray_started and ray.is_initialized():
-                    ray.shutdown()
-                    self._ray_started = False
-            finally:
-                if self._redis is not None:
-                    self._redis.stop()  # SIGTERM: the AOF is fsynced before it exits
-                    self._redis = None
+            if self._redis is not None:
+                self._redis.stop()  # SIGTERM: the AOF is fsynced before it exits
+                self._redis = None
 
     def __enter__(self) -> "LocalService":
         return self if self._running else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _shutdown_log() -> str:
+    """Where Ray's shutdown messages go: the Ray session's log folder (``-v`` keeps them on the console)."""
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        return ""
+    try:
+        import ray
+
+        node = ray._private.worker._global_node
+        return os.path.join(node.get_logs_dir_path(), "tracker-shutdown.log") if node is not None else os.devnull
+    except Exception:
+        return os.devnull
+
+
+@contextlib.contextmanager
+def _console_to(path: str) -> Iterator[None]:
+    """Send this process's stdout and stderr (the file descriptors, so C++ and thread output too) to `path`."""
+    if not path:
+        yield
+        return
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, target):
+            os.close(fd)
 
 
 def _read_secret(path: Path) -> str | None:

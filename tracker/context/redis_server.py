@@ -76,11 +76,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _cmdline(pid: int) -> str:
+def _is_redis_in(pid: int, directory: Path) -> bool:
+    """Is `pid` a redis-server working in `directory` (redis chdirs to its ``dir``)?"""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except OSError:
-        return ""
+        return False
+    return exe.startswith("redis-server") and Path(cwd) == directory.resolve()
 
 
 def _short_tempdir() -> str:
@@ -253,7 +256,7 @@ class EmbeddedRedis:
             pid = int(self.pid_path.read_text().strip())
         except (OSError, ValueError):
             return
-        if pid <= 0 or not _pid_alive(pid) or str(self.config_path) not in _cmdline(pid):
+        if pid <= 0 or not _pid_alive(pid) or not _is_redis_in(pid, self.directory):
             return
         os.kill(pid, signal.SIGTERM)  # redis fsyncs its AOF and exits
         deadline = time.monotonic() + 10
