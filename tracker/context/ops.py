@@ -105,6 +105,19 @@ class Ops:
         reply = yield Eval("end", (self.keys.meta(cid), self.keys.conversations), (cid,))
         return bool(int(reply))
 
+    def delete_conversation(self, conversation_id: str) -> Op[bool]:
+        """Delete everything stored of the conversation (stream, meta, ids, seq, speakers' state, alerts)
+        in one script; True if there was anything. Speakers are listed first and re-checked inside it."""
+        cid = check_id(conversation_id, "conversation_id")
+        for _ in range(10):
+            (members,) = yield _one(Call("smembers", (self.keys.speakers(cid),)))
+            speakers = sorted(as_str(m) for m in members or ())
+            keys = (self.keys.speakers(cid), self.keys.conversations, *self.keys.conversation_keys(cid, speakers))
+            reply = int((yield Eval("delete", keys, (cid, len(speakers)))))
+            if reply >= 0:
+                return bool(reply)
+        raise RuntimeError(f"conversation {cid!r}: speakers kept changing while it was being deleted")
+
     def next_seq(self, conversation_id: str) -> Op[int]:
         cid = check_id(conversation_id, "conversation_id")
         reply = yield Eval("next_seq", (self.keys.seq(cid),), (self.config.ttl_seconds,))

@@ -106,6 +106,21 @@ class Keys:
     def speaker(self, cid: str, speaker: str, what: str) -> str:
         return f"{self.base}:conv:{escape(cid)}:spk:{escape(speaker)}:{what}"
 
+    def alerts(self, cid: str) -> str:
+        """STREAM of the conversation's alert events (raised / cleared), oldest first."""
+        return self.conv(cid, "alerts")
+
+    def alert_state(self, cid: str, speaker: str) -> str:
+        """HASH: the escalation rule's state for one speaker (its window of labels, raised or not)."""
+        return self.speaker(cid, speaker, "alert")
+
+    def conversation_keys(self, cid: str, speakers: Iterable[str]) -> list[str]:
+        """Every key that holds something of conversation `cid` (for deleting it), the index excepted."""
+        out = [self.meta(cid), self.stream(cid), self.ids(cid), self.seq(cid), self.alerts(cid)]
+        for s in speakers:
+            out += [self.speaker(cid, s, what) for what in ("counts", "recent", "state", "alert")]
+        return out
+
     def append_keys(self, cid: str, speaker: str) -> list[str]:
         """KEYS of the append script, in the order the script expects."""
         return [
@@ -119,6 +134,16 @@ class Keys:
             self.speaker(cid, speaker, "state"),
             self.seq(cid),
         ]
+
+
+def alert_outbox_key(prefix: str) -> str:
+    """STREAM of alert events of every tenant waiting for webhook delivery (read by a consumer group)."""
+    return f"{prefix}:_alerts:outbox"
+
+
+def alert_dead_letter_key(prefix: str) -> str:
+    """LIST of webhook deliveries that failed for good (JSON, newest first)."""
+    return f"{prefix}:_alerts:dead"
 
 
 # -- validation / encoding ---------------------------------------------------------------------

@@ -104,4 +104,73 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 return n
 """
 
-SCRIPTS: dict[str, str] = {"append": APPEND, "end": END, "next_seq": NEXT_SEQ}
+# KEYS: 1 speakers, 2 conversations index, 3.. every other key of the conversation.
+# ARGV: 1 conversation id, 2 number of speakers the caller listed.
+# Returns 1 deleted, 0 nothing to delete, -1 a speaker appeared meanwhile (list again and retry).
+DELETE = """
+if redis.call('SCARD', KEYS[1]) ~= tonumber(ARGV[2]) then return -1 end
+local n = 0
+for i = 3, #KEYS do n = n + redis.call('DEL', KEYS[i]) end
+n = n + redis.call('DEL', KEYS[1])
+n = n + redis.call('ZREM', KEYS[2], ARGV[1])
+if n > 0 then return 1 end
+return 0
+"""
+
+# The escalation rule (tracker.alerts.rule, which is its reference in Python), applied to one final.
+# KEYS: 1 speaker alert state, 2 conversation alerts stream, 3 outbox stream.
+# ARGV: 1 seq, 2 utterance id, 3 label, 4 negative (1/0), 5 window, 6 raise at, 7 clear at, 8 ttl s,
+#       9 alerts maxlen, 10 write outbox (1/0), 11 outbox maxlen, 12 tenant, 13 conversation id, 14 speaker
+# Returns {0, raised} when nothing changed or the final was already applied (seq <= last_seq),
+# else {1, raised, kind, alert_id, entry_id, at_ms, negative, labels_json}.
+ALERT_STEP = (
+    _FMT
+    + """
+local seq = tonumber(ARGV[1])
+local last = redis.call('HGET', KEYS[1], 'last_seq')
+local raised = redis.call('HGET', KEYS[1], 'raised') == '1'
+if last and seq <= tonumber(last) then return {0, raised and 1 or 0} end
+
+local window = tonumber(ARGV[5])
+local labels, negs = {}, {}
+local old_labels = redis.call('HGET', KEYS[1], 'labels')
+local old_negs = redis.call('HGET', KEYS[1], 'negative')
+if old_labels then labels = cjson.decode(old_labels); negs = cjson.decode(old_negs) end
+labels[#labels + 1] = ARGV[3]
+negs[#negs + 1] = tonumber(ARGV[4])
+while #labels > window do table.remove(labels, 1); table.remove(negs, 1) end
+local n = 0
+for _, v in ipairs(negs) do n = n + v end
+
+local kind = nil
+if (not raised) and n >= tonumber(ARGV[6]) then kind = 'raised'; raised = true
+elseif raised and n <= tonumber(ARGV[7]) then kind = 'cleared'; raised = false end
+
+local ttl = tonumber(ARGV[8])
+local labels_json = cjson.encode(labels)
+-- cjson encodes an empty table as {} ; the window always holds the current label, so never empty
+redis.call('HSET', KEYS[1], 'labels', labels_json, 'negative', cjson.encode(negs), 'raised', raised and '1' or '0',
+           'last_seq', ARGV[1], 'last_utterance_id', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ttl)
+if not kind then return {0, raised and 1 or 0} end
+
+local now = now_ms()
+local nows = string.format('%d', now)
+local alert_id = redis.sha1hex(ARGV[12] .. '\\31' .. ARGV[13] .. '\\31' .. ARGV[14] .. '\\31' .. ARGV[2] .. '\\31' .. kind)
+local fields = {'alert_id', alert_id, 'kind', kind, 'speaker', ARGV[14], 'utterance_id', ARGV[2], 'seq', ARGV[1],
+                'negative', tostring(n), 'window', ARGV[5], 'labels', labels_json, 'at_ms', nows}
+if raised then redis.call('HSET', KEYS[1], 'since_utterance_id', ARGV[2], 'since_seq', ARGV[1], 'since_ms', nows)
+else redis.call('HDEL', KEYS[1], 'since_utterance_id', 'since_seq', 'since_ms') end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*', unpack(fields))
+redis.call('EXPIRE', KEYS[2], ttl)
+if ARGV[10] == '1' then
+  fields[#fields + 1] = 'tenant'; fields[#fields + 1] = ARGV[12]
+  fields[#fields + 1] = 'conversation_id'; fields[#fields + 1] = ARGV[13]
+  fields[#fields + 1] = 'entry_id'; fields[#fields + 1] = id
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[11], '*', unpack(fields))
+end
+return {1, raised and 1 or 0, kind, alert_id, id, nows, n, labels_json}
+"""
+)
+
+SCRIPTS: dict[str, str] = {"append": APPEND, "end": END, "next_seq": NEXT_SEQ, "delete": DELETE, "alert_step": ALERT_STEP}

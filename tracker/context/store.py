@@ -128,6 +128,14 @@ class ConversationStore(_StoreBase):
     def end_conversation(self, conversation_id: str) -> bool:
         return self._run(self._ops.end_conversation(conversation_id))
 
+    def delete_conversation(self, conversation_id: str) -> bool:
+        """Delete everything stored of the conversation; False if there was nothing."""
+        return self._run(self._ops.delete_conversation(conversation_id))
+
+    def run(self, op: Op[T]) -> T:
+        """Run an operation written like `ops.Ops`'s (e.g. `tracker.context.alerts.AlertOps`) on this store."""
+        return self._run(op)
+
     def read_since(
         self, conversation_id: str, last_entry_id: str = "0-0", block_ms: int | None = None, count: int = 100
     ) -> list[dict]:
@@ -237,6 +245,12 @@ class AsyncConversationStore(_StoreBase):
 
     async def end_conversation(self, conversation_id: str) -> bool:
         return await self._run(self._ops.end_conversation(conversation_id))
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        return await self._run(self._ops.delete_conversation(conversation_id))
+
+    async def run(self, op: Op[T]) -> T:
+        return await self._run(op)
 
     async def read_since(
         self, conversation_id: str, last_entry_id: str = "0-0", block_ms: int | None = None, count: int = 100

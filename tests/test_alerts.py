@@ -1,0 +1,173 @@
+"""The escalation rule server-side: the Python reference, the Redis script, events stored per conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+import pytest
+
+from tracker.alerts import AlertEngine, EscalationConfig, EscalationRule, SyncAlertEngine, alert_id
+from tracker.config import ConfigError, load_dataclass
+from tracker.context import ConversationStore, EmbeddedRedis, StoreConfig
+from tracker.context.schema import alert_outbox_key
+from tracker.context.store import AsyncConversationStore
+from tracker.labels import MELD7
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture()
+def store(redis_server):
+    with ConversationStore(redis_server.url, StoreConfig(key_prefix=f"t{uuid.uuid4().hex[:8]}"), MELD7) as s:
+        yield s
+
+
+def commit(store: ConversationStore, cid: str, i: int, speaker: str, label: str) -> dict:
+    """Append a final as the service does and return the committed record (with its seq)."""
+    rec = {"utterance_id": f"u{i}", "speaker": speaker, "start_ms": 1000 * i, "end_ms": 1000 * i + 900,
+           "text": f"utterance {i}", "label": label, "is_final": True}
+    store.append(cid, rec)
+    stored = store.get_final(cid, f"u{i}")
+    return {**stored, "conversation_id": cid}
+
+
+# -- the rule --------------------------------------------------------------------------------------
+
+
+def test_the_rule_raises_at_3_of_4_negative_and_clears_only_at_1_of_4():
+    rule = EscalationRule(EscalationConfig(), MELD7)
+    labels = ["anger", "anger", "anger", "neutral", "neutral", "neutral", "sadness"]
+    assert rule.replay(labels) == [(2, "raised"), (5, "cleared")]  # 3/4 and 2/4 keep it up: no flicker
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="raise_at"):
+        EscalationConfig(window=4, raise_at=5)
+    with pytest.raises(ConfigError, match="clear_at"):
+        EscalationConfig(raise_at=2, clear_at=2)
+    with pytest.raises(ConfigError, match="negative: 'furious' is not a label of meld7"):
+        EscalationRule(EscalationConfig(negative=["furious"]), MELD7)
+    with pytest.raises(ConfigError, match="alerts.window: expected int"):
+        load_dataclass(EscalationConfig, {"window": "four"}, prefix="alerts")
+
+
+def test_speakers_are_matched_by_name_or_pattern_case_insensitively():
+    c = EscalationConfig(speakers=["Customer", "caller-*"])
+    assert c.watches("customer") and c.watches("Caller-7")
+    assert not c.watches("Agent")
+    assert EscalationConfig().watches("anyone")
+
+
+# -- in Redis --------------------------------------------------------------------------------------
+
+
+def test_the_redis_script_agrees_with_the_python_rule_on_random_calls(store):
+    rng = random.Random(7)
+    for trial, config in enumerate([EscalationConfig(), EscalationConfig(window=6, raise_at=4, clear_at=2),
+                                    EscalationConfig(window=1, raise_at=1, clear_at=0),
+                                    EscalationConfig(negative=["anger", "disgust"])]):
+        engine = SyncAlertEngine(store, config)
+        rule = EscalationRule(config, MELD7)
+        cid = f"random-{trial}"
+        labels = {"A": [], "B": []}
+        got = {"A": [], "B": []}
+        for i in range(80):
+            speaker = rng.choice("AB")
+            label = rng.choice(MELD7.labels)
+            labels[speaker].append(label)
+            for ev in engine.on_final_committed(commit(store, cid, i, speaker, label)):
+                got[speaker].append((len(labels[speaker]) - 1, ev.kind))
+        for speaker in "AB":
+            assert got[speaker] == rule.replay(labels[speaker]), (trial, speaker)
+
+
+def test_events_are_stored_in_the_conversation_stream_with_a_stable_id(store):
+    engine = SyncAlertEngine(store, EscalationConfig())
+    cid = "call-1"
+    events = []
+    for i, (speaker, label) in enumerate([("Customer", "anger"), ("Agent", "neutral"), ("Customer", "anger"),
+                                          ("Customer", "disgust"), ("Customer", "joy"), ("Customer", "neutral"),
+                                          ("Customer", "neutral")]):
+        events += engine.on_final_committed(commit(store, cid, i, speaker, label))
+    assert [(e.kind, e.speaker, e.utterance_id) for e in events] == [("raised", "Customer", "u3"),
+                                                                     ("cleared", "Customer", "u6")]
+    raised = events[0]
+    assert raised.labels == ("anger", "anger", "disgust") and raised.negative == 3 and raised.window == 4
+    assert raised.seq == 4 and raised.tenant == "default" and raised.conversation_id == cid
+    assert raised.alert_id == alert_id("default", cid, "Customer", "u3", "raised")
+    assert events[1].labels == ("disgust", "joy", "neutral", "neutral") and events[1].negative == 1
+    stored = engine.events(cid)
+    assert [e.to_dict() for e in stored] == [e.to_dict() for e in events]  # what was returned is what is kept
+    assert engine.events(cid, after=stored[0].entry_id) == stored[1:]
+    key = store.config.key_prefix + ":default:conv:call-1:alerts"
+    assert store.redis.xlen(key) == 2
+    assert engine.state(cid, ["Customer", "Agent"])["Customer"]["raised"] is False
+
+
+def test_applying_the_same_final_twice_or_an_older_one_changes_nothing(store):
+    engine = SyncAlertEngine(store, EscalationConfig(window=2, raise_at=2, clear_at=0))
+    cid = "retry"
+    first = commit(store, cid, 0, "C", "anger")
+    second = commit(store, cid, 1, "C", "anger")
+    assert engine.on_final_committed(first) == []
+    [ev] = engine.on_final_committed(second)
+    assert ev.kind == "raised"
+    assert engine.on_final_committed(second) == []  # a retried commit
+    assert engine.on_final_committed(first) == []  # a replay of an older one
+    assert len(engine.events(cid)) == 1
+    assert engine.state(cid, ["C"])["C"] == {"raised": True, "since_utterance_id": "u1",
+                                             "since_ms": ev.at_ms, "labels": ["anger", "anger"]}
+
+
+def test_only_watched_speakers_and_finals_count_and_a_record_without_seq_is_refused(store):
+    engine = SyncAlertEngine(store, EscalationConfig(window=1, raise_at=1, clear_at=0, speakers=["Customer"]))
+    assert engine.on_final_committed(commit(store, "w", 0, "Agent", "anger")) == []
+    assert engine.on_final_committed({**commit(store, "w", 1, "Customer", "anger"), "is_final": False}) == []
+    assert [e.kind for e in engine.on_final_committed(commit(store, "w", 2, "Customer", "anger"))] == ["raised"]
+    with pytest.raises(ValueError, match="no seq"):
+        engine.on_final_committed({"conversation_id": "w", "utterance_id": "x", "speaker": "Customer",
+                                   "label": "anger", "is_final": True})
+
+
+def test_tenants_keep_separate_alert_state_and_the_outbox_gets_events_only_when_asked(redis_server):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def go():
+        async with AsyncConversationStore(redis_server.url, StoreConfig(key_prefix=prefix), MELD7) as store:
+            config = EscalationConfig(window=1, raise_at=1, clear_at=0)
+            a = AlertEngine(store, config, outbox=True)
+            b = AlertEngine(store, config).with_tenant("b")
+            for engine in (a, b):
+                s = engine.store
+                await s.append("same-id", {"utterance_id": "u0", "speaker": "C", "start_ms": 0, "end_ms": 1,
+                                           "text": "x", "label": "anger", "is_final": True})
+                rec = {**await s.get_final("same-id", "u0"), "conversation_id": "same-id"}
+                [ev] = await engine.on_final_committed(rec)
+                assert ev.tenant == engine.tenant
+            assert [e.tenant for e in await a.events("same-id")] == ["default"]
+            assert [e.tenant for e in await b.events("same-id")] == ["b"]
+            outbox = await store.redis.xrange(alert_outbox_key(prefix))
+            assert len(outbox) == 1 and outbox[0][1][b"tenant"] == b"default"
+
+    asyncio.run(go())
+
+
+def test_deleting_a_conversation_removes_its_alerts_and_rule_state(store):
+    engine = SyncAlertEngine(store, EscalationConfig(window=1, raise_at=1, clear_at=0))
+    engine.on_final_committed(commit(store, "gone", 0, "C", "anger"))
+    store.append("kept", {"utterance_id": "u0", "speaker": "C", "start_ms": 0, "end_ms": 1, "text": "x",
+                          "label": "joy", "is_final": True})
+    assert store.delete_conversation("gone") is True
+    assert store.delete_conversation("gone") is False
+    assert engine.events("gone") == [] and engine.state("gone", ["C"]) == {}
+    leftover = [k.decode() for k in store.redis.scan_iter(f"{store.config.key_prefix}:*")]
+    assert leftover and not any(":gone:" in k for k in leftover), leftover
+    assert [c["conversation_id"] for c in store.list_conversations()] == ["kept"]
+    # the id can be used again from scratch
+    assert engine.on_final_committed(commit(store, "gone", 0, "C", "anger"))[0].kind == "raised"

@@ -1,0 +1,91 @@
+"""`AlertEngine`: the escalation rule applied to each committed final, with its events kept in Redis.
+
+The service calls ``await engine.on_final_committed(record)`` with the record that `commit` returned
+(it carries the ``seq`` the store assigned) and forwards the events it returns to the stream and
+the watchers. Each call is one script run in Redis: the rule's state per speaker and the event
+stream are updated atomically, and applying the same final twice (a retry) changes nothing. With
+``outbox=True`` every event is also queued for webhook delivery (`tracker.alerts.webhooks`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Union
+
+from tracker.context.alerts import AlertOps
+from tracker.context.store import AsyncConversationStore, ConversationStore
+from tracker.labels import LabelSet
+
+from .rule import AlertEvent, EscalationConfig, EscalationRule
+
+Store = Union[AsyncConversationStore, ConversationStore]
+
+
+class AlertEngine:
+    """The rule for one tenant's store (`with_tenant` for another); async methods for the async store.
+
+    `SyncAlertEngine` has the same methods, blocking, for a `ConversationStore`.
+    """
+
+    def __init__(self, store: Store, config: EscalationConfig | None = None, label_set: LabelSet | None = None, *,
+                 outbox: bool = False) -> None:
+        self.store = store
+        self.config = config or EscalationConfig()
+        self.rule = EscalationRule(self.config, label_set or store.label_set)
+        self.outbox = outbox
+        self._ops = AlertOps(store.config, store.tenant)
+
+    @property
+    def tenant(self) -> str:
+        return self.store.tenant
+
+    def with_tenant(self, tenant: str) -> "AlertEngine":
+        return type(self)(self.store.with_tenant(tenant), self.config, self.rule.label_set, outbox=self.outbox)
+
+    def _step_op(self, record: Mapping[str, Any]):
+        """The Redis operation for `record`, or None when the rule does not look at it."""
+        if not self.config.enabled or not record.get("is_final", True) or not self.config.watches(str(record["speaker"])):
+            return None
+        label = record["label"]
+        if label not in self.rule.label_set.labels:
+            raise ValueError(f"label {label!r} is not in label set {self.rule.label_set.name!r}")
+        if record.get("seq") is None:
+            raise ValueError("on_final_committed needs the committed record: it has no seq")
+        c = self.config
+        return self._ops.step(record["conversation_id"], record["speaker"], record["utterance_id"], int(record["seq"]),
+                              label, self.rule.is_negative(label), c.window, c.raise_at, c.clear_at, self.outbox)
+
+    def _event(self, fields: dict[str, Any] | None) -> list[AlertEvent]:
+        return [AlertEvent.from_fields(fields)] if fields else []
+
+    async def on_final_committed(self, record: Mapping[str, Any]) -> list[AlertEvent]:
+        """Apply one committed final (``conversation_id``, ``utterance_id``, ``speaker``, ``label``, ``seq``);
+        the alert events it caused (none, or one raised or cleared)."""
+        op = self._step_op(record)
+        return self._event(await self.store.run(op)) if op is not None else []
+
+    async def events(self, conversation_id: str, after: str = "0-0", count: int = 1000) -> list[AlertEvent]:
+        """The conversation's stored events after `after` (a stream id), oldest first."""
+        raw = await self.store.run(self._ops.events(conversation_id, after, count))
+        return [AlertEvent.from_fields(f, self.tenant, conversation_id) for f in raw]
+
+    async def state(self, conversation_id: str, speakers: list[str]) -> dict[str, dict[str, Any]]:
+        """Which speakers have an alert up now (and since which utterance)."""
+        return await self.store.run(self._ops.state(conversation_id, speakers))
+
+
+class SyncAlertEngine(AlertEngine):
+    """`AlertEngine` for the blocking `ConversationStore` (replay, tests, tools)."""
+
+    def on_final_committed(self, record: Mapping[str, Any]) -> list[AlertEvent]:  # type: ignore[override]
+        op = self._step_op(record)
+        return self._event(self.store.run(op)) if op is not None else []
+
+    def events(self, conversation_id: str, after: str = "0-0", count: int = 1000) -> list[AlertEvent]:  # type: ignore[override]
+        raw = self.store.run(self._ops.events(conversation_id, after, count))
+        return [AlertEvent.from_fields(f, self.tenant, conversation_id) for f in raw]
+
+    def state(self, conversation_id: str, speakers: list[str]) -> dict[str, dict[str, Any]]:  # type: ignore[override]
+        return self.store.run(self._ops.state(conversation_id, speakers))
+
+
+__all__ = ["AlertEngine", "SyncAlertEngine"]

@@ -1,0 +1,81 @@
+"""Alert events in Redis: the escalation rule applied per final (one script) and the reads.
+
+Written like `ops.Ops`: generators that yield Redis steps, run by either store
+(``store.run(op)`` / ``await store.run(op)``). Keys (docs/redis.md): ``P:conv:C:alerts`` (STREAM of
+events), ``P:conv:C:spk:S:alert`` (HASH, the rule's state for a speaker) and, when webhooks are on,
+``{prefix}:_alerts:outbox`` (STREAM of every tenant's events awaiting delivery).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .ops import Batch, Call, Eval, Op, _one
+from .schema import Keys, StoreConfig, alert_outbox_key, as_str, check_id, decode_hash
+
+ALERTS_MAXLEN = 10_000  # per conversation (approximate trimming)
+OUTBOX_MAXLEN = 100_000  # all tenants; a dispatcher that is down this long loses the oldest
+
+
+class AlertOps:
+    """The alert operations of one (key prefix, tenant)."""
+
+    def __init__(self, config: StoreConfig, tenant: str) -> None:
+        self.config = config
+        self.tenant = check_id(tenant, "tenant")
+        self.keys = Keys(config.key_prefix, tenant)
+        self.outbox = alert_outbox_key(config.key_prefix)
+
+    def step(self, conversation_id: str, speaker: str, utterance_id: str, seq: int, label: str, negative: bool,
+             window: int, raise_at: int, clear_at: int, outbox: bool = False) -> Op[dict[str, Any] | None]:
+        """Apply one final to the speaker's rule state; the event's fields if the alert changed, else None.
+
+        Idempotent and ordered by `seq`: a final whose seq is not above the last one applied for the
+        speaker changes nothing (a retried commit, a replayed stream).
+        """
+        cid = check_id(conversation_id, "conversation_id")
+        check_id(speaker, "speaker")
+        check_id(utterance_id, "utterance_id")
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValueError(f"seq must be an int >= 0 (the committed record's), got {seq!r}")
+        keys = (self.keys.alert_state(cid, speaker), self.keys.alerts(cid), self.outbox)
+        args = (seq, utterance_id, label, "1" if negative else "0", window, raise_at, clear_at, self.config.ttl_seconds,
+                ALERTS_MAXLEN, "1" if outbox else "0", OUTBOX_MAXLEN, self.tenant, cid, speaker)
+        reply = yield Eval("alert_step", keys, args)
+        if int(reply[0]) == 0:
+            return None
+        _, _, kind, alert_id, entry_id, at_ms, n, labels = (as_str(x) for x in reply)
+        return {"alert_id": alert_id, "kind": kind, "tenant": self.tenant, "conversation_id": cid, "speaker": speaker,
+                "utterance_id": utterance_id, "seq": str(seq), "negative": n, "window": str(window), "labels": labels,
+                "at_ms": at_ms, "entry_id": entry_id}
+
+    def events(self, conversation_id: str, after: str = "0-0", count: int = 1000) -> Op[list[dict[str, str]]]:
+        """The conversation's alert events after stream id `after`, oldest first, each with its ``entry_id``."""
+        cid = check_id(conversation_id, "conversation_id")
+        start = "-" if after in ("", "0", "0-0") else "(" + after
+        (raw,) = yield _one(Call("xrange", (self.keys.alerts(cid),), {"min": start, "max": "+", "count": count}))
+        out = []
+        for entry_id, fields in raw or ():
+            f = decode_hash(fields)
+            f["entry_id"] = as_str(entry_id)
+            out.append(f)
+        return out
+
+    def state(self, conversation_id: str, speakers: list[str]) -> Op[dict[str, dict[str, Any]]]:
+        """Per speaker: whether the alert is up, since which utterance, and the window's labels."""
+        cid = check_id(conversation_id, "conversation_id")
+        if not speakers:
+            return {}
+        raw = yield Batch(tuple(Call("hgetall", (self.keys.alert_state(cid, s),)) for s in speakers))
+        out = {}
+        for s, h in zip(speakers, raw):
+            f = decode_hash(h)
+            if f:
+                out[s] = {"raised": f.get("raised") == "1", "since_utterance_id": f.get("since_utterance_id"),
+                          "since_ms": int(f["since_ms"]) if "since_ms" in f else None,
+                          "labels": json.loads(f.get("labels") or "[]")}
+        return out
+
+
+__all__ = ["ALERTS_MAXLEN", "OUTBOX_MAXLEN", "AlertOps"]
