@@ -222,6 +222,10 @@ class ContextAggregator:
     async def end_conversation(self, conversation_id: str, tenant: str = "default") -> None:
         await self._for(tenant).end_conversation(conversation_id)
 
+    async def delete_conversation(self, conversation_id: str, tenant: str = "default") -> bool:
+        """Delete everything stored of the conversation (stream, state, alerts); False if it was unknown."""
+        return await self._for(tenant).delete_conversation(conversation_id)
+
     async def read_since(self, conversation_id: str, after: str, block_ms: int = 1000, count: int = 100,
                          tenant: str = "default") -> list[dict[str, Any]]:
         """Stored entries after stream id `after` (waits up to `block_ms` for new ones): the dashboard feed."""

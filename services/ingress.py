@@ -1,7 +1,8 @@
 """The HTTP/WebSocket front door: FastAPI inside Ray Serve.
 
 Routes: WebSocket ``/v1/stream`` (docs/protocol.md), WebSocket ``/v1/watch``, ``GET /v1/conversations``,
-``GET /v1/conversations/{id}``, ``GET /v1/dashboard/config``, ``GET /healthz``; OpenAPI docs at ``/docs``.
+``GET /v1/conversations/{id}``, ``GET /v1/conversations/{id}/export``, ``DELETE /v1/conversations/{id}``,
+``GET /v1/dashboard/config``, ``GET /healthz``; OpenAPI docs at ``/docs`` (Swagger UI) and ``/redoc``.
 Every ``/v1`` route needs an API key and sees only the key's tenant (docs/security.md); ``/healthz``,
 the dashboard's static files and the API docs are public.
 """
@@ -15,8 +16,9 @@ from typing import Any
 
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse
+from fastapi import HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, Response
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -25,10 +27,12 @@ from services.auth import ANONYMOUS, SUBPROTOCOL, AsyncKeyStore, AuthError, Prin
 from services.config import load_app_config
 from services.limits import TokenBucket, is_replica_failure
 from services.session import StreamSession
+from tracker.context.export import FORMATS as EXPORT_FORMATS
+from tracker.context.export import export_conversation
 
 log = logging.getLogger(__name__)
 
-api = FastAPI(
+api = FastAPIOffline(  # Swagger UI (/docs) and ReDoc (/redoc) from files in the package, not a CDN
     title="tracker",
     description="Streaming conversation emotion tracker: stream a call in, get each utterance's emotion back.",
     version="0.1.0",
@@ -270,7 +274,38 @@ class Ingress:
     @api.get("/v1/conversations/{conversation_id}")
     async def conversation(self, conversation_id: str, request: Request) -> dict[str, Any]:
         """One conversation of the key's tenant: its utterances with labels, and each speaker's rolling state."""
+        return await self._conversation_of(await self._http_principal(request), conversation_id)
+
+    @api.get("/v1/conversations/{conversation_id}/export",
+             responses={200: {"content": {m: {} for m in EXPORT_FORMATS.values()},
+                              "description": "the conversation's final results as a file"}})
+    async def export_conversation(self, conversation_id: str, request: Request, format: str = "jsonl") -> Response:
+        """One conversation's final results as `jsonl` (the JSONL conversation format) or `csv` (a download)."""
         who = await self._http_principal(request)
+        if format not in EXPORT_FORMATS:
+            raise HTTPException(status_code=400, detail={"code": P.INVALID_FIELD,
+                                                         "message": f"format must be jsonl or csv, got {format!r}"})
+        conv = await self._conversation_of(who, conversation_id)
+        labels = (await self.model.info.remote())["label_set"]
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in conversation_id)[:100] or "conversation"
+        return Response(export_conversation(conv, format, labels), media_type=EXPORT_FORMATS[format],
+                        headers={"Content-Disposition": f'attachment; filename="{name}.{format}"'})
+
+    @api.delete("/v1/conversations/{conversation_id}")
+    async def delete_conversation(self, conversation_id: str, request: Request) -> dict[str, Any]:
+        """Delete one conversation of the key's tenant: its results, speaker state, alerts and model cache."""
+        who = await self._http_principal(request)
+        if not conversation_id or len(conversation_id) > P.MAX_ID_CHARS:
+            raise HTTPException(status_code=404, detail="unknown conversation")
+        if not await self.context.delete_conversation.remote(conversation_id, tenant=who.tenant):
+            raise HTTPException(status_code=404, detail=f"unknown conversation {conversation_id!r}")
+        try:  # the prefix KV cache (a later conversation under this id would only reuse a matching prefix)
+            await self.model.forget.remote(f"{who.tenant}/{conversation_id}")
+        except Exception:
+            log.warning("conversation %s deleted; its model cache could not be dropped now", conversation_id)
+        return {"conversation_id": conversation_id, "deleted": True}
+
+    async def _conversation_of(self, who: Principal, conversation_id: str) -> dict[str, Any]:
         if not conversation_id or len(conversation_id) > P.MAX_ID_CHARS:
             raise HTTPException(status_code=404, detail="unknown conversation")
         conv = await self.context.get_conversation.remote(conversation_id, tenant=who.tenant)

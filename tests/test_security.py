@@ -103,7 +103,7 @@ def test_every_data_route_needs_a_valid_key_and_health_is_public(service, keys):
     base = service.http_url
     refused = {"none": {}, "malformed": bearer("not-a-key"), "unknown": bearer(generate_key()),
                "revoked": bearer(revoked), "basic": {"Authorization": "Basic dXNlcjpwdw=="}}
-    for path in ("/v1/conversations", "/v1/conversations/x", "/v1/dashboard/config"):
+    for path in ("/v1/conversations", "/v1/conversations/x", "/v1/conversations/x/export", "/v1/dashboard/config"):
         for why, headers in refused.items():
             r = httpx.get(base + path, headers=headers, timeout=30)
             assert r.status_code == 401, (path, why, r.text)
