@@ -56,11 +56,41 @@ class LiveView:
         return "\n".join(lines)
 
 
-def run_stream(url: str, file: str | None, mic: bool, transcript: str | None, speakers: list[str] | None,
+DEFAULT_URL = "ws://127.0.0.1:8000/v1/stream"
+
+
+def resolve_url(explicit: str | None) -> str:
+    """--url, else the running local service's (from its state file), else the default port."""
+    from clients.local import read_state
+
+    return explicit or read_state().get("ws_url") or DEFAULT_URL
+
+
+def check_listening(url: str, timeout: float = 3.0) -> None:
+    """Fail at once, with what to do, when nothing accepts connections at `url`'s host and port."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
+        raise ValueError(f"--url must be a ws:// or wss:// address such as {DEFAULT_URL}, got {url!r}")
+    port = parsed.port or (443 if parsed.scheme == "wss" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"nothing is listening at {parsed.hostname}:{port} ({url}): {exc.strerror or exc}. Start the service with "
+            "`tracker serve` (it prints its address), or pass --url with the address of a running one"
+        ) from None
+
+
+def run_stream(url: str | None, file: str | None, mic: bool, transcript: str | None, speakers: list[str] | None,
                speed: float, conversation_id: str | None, device: str | None, channels: int, seconds: float | None,
                api_key: str | None = None) -> int:
     from clients.local import auth_headers, resolve_api_key
 
+    url = resolve_url(url)
+    check_listening(url)
     headers = auth_headers(resolve_api_key(api_key))
     transcripts, channel_names = read_transcripts(transcript) if transcript else ([], None)
     speakers = speakers or channel_names

@@ -101,7 +101,7 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="an adapter checkpoint directory (default: the shipped model)")
     p.add_argument("--data", action="append", required=True, help="meld:dev, emorynlp:dev, ravdess:dev or a .jsonl file; repeatable")
     p.add_argument("--read-as", default="", help="read the data's labels as this label set (ravdess -> meld7)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="utterances per forward pass")
     p.add_argument("--json", default=None, help="write the JSON report here")
     p.add_argument("--limit", type=int, default=0, help="first N conversations only")
 
@@ -142,13 +142,13 @@ def _configure_train_refiner(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="the base adapter checkpoint (default: the shipped model)")
     p.add_argument("--window", type=int, action="append", required=True, help="w; repeat with --stride for several refiners")
     p.add_argument("--stride", type=int, action="append", required=True, help="s (w must be a multiple of s)")
-    p.add_argument("--train", default="meld:train")
-    p.add_argument("--dev", default="meld:dev")
+    p.add_argument("--train", default="meld:train", help="dialogues the refiners are trained on (a dataset spec)")
+    p.add_argument("--dev", default="meld:dev", help="dialogues they are selected on (a dataset spec)")
     p.add_argument("--train-dialogues", type=int, default=300, help="random train dialogues to use (0 = all)")
     p.add_argument("--dev-dialogues", type=int, default=0, help="dev dialogues (0 = all)")
-    p.add_argument("--head-layer", type=int, default=12)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--head-layer", type=int, default=12, help="the LLM layer whose states the window head reads")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps per refiner")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW)")
     p.add_argument("--aux", type=float, default=0.0, help="weight of a loss on each window judgement alone")
     p.add_argument("--out", required=True, help="refiners are written to OUT/w<w>s<s>")
     p.add_argument("--cache", default=None, help="feature cache directory (default: <cache dir>/refiner-features)")
@@ -385,9 +385,12 @@ def _configure_stream(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mic", action="store_true", help="stream the microphone instead of a file")
     p.add_argument("--transcript", default=None, help="JSON/JSONL transcripts: speaker, text, start_ms, end_ms")
     p.add_argument("--speakers", default=None, help="comma-separated speaker names, one per channel")
-    p.add_argument("--url", default="ws://127.0.0.1:8000/v1/stream", help="the service's WebSocket address")
+    p.add_argument("--url", default=None,
+                   help="the service's WebSocket address (default: the running local service's, else "
+                        "ws://127.0.0.1:8000/v1/stream)")
     p.add_argument("--speed", type=float, default=1.0, help="file playback speed (1 = real time, 0 = as fast as possible)")
-    p.add_argument("--conversation-id", default=None)
+    p.add_argument("--conversation-id", default=None,
+                   help="the id the call is stored under (default: a new random one); the same id resumes it")
     p.add_argument("--device", default=None, help="sounddevice input device (index or name)")
     p.add_argument("--channels", type=int, default=1, help="microphone channels")
     p.add_argument("--seconds", type=float, default=None, help="stop the microphone after this long")
@@ -417,7 +420,7 @@ def _configure_replay(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="predictions JSONL (default: predictions-<data>.jsonl)")
     p.add_argument("--report", default=None, help="write the metrics report as JSON here")
     p.add_argument("--limit", type=int, default=0, help="first N conversations only")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="in-process: utterances per forward pass")
     p.add_argument("--key", default=None, help="API key with --through (default: $TRACKER_API_KEY, else the local service's key)")
 
 
@@ -434,7 +437,8 @@ command("replay", "replay recorded dialogues in-process or through a service")(c
 
 
 def _configure_keys(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("action", choices=["create", "list", "revoke"],
+                   help="create a key for a tenant, list the keys, or revoke one by its id")
     p.add_argument("key_id", nargs="?", help="revoke: the key id (the 8 hex characters after 'trk_')")
     p.add_argument("--tenant", default=None, help="create: the tenant the key belongs to")
     p.add_argument("--name", default="", help="create: a note on what the key is for")
