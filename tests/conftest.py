@@ -100,3 +100,9 @@ def save_tiny_checkpoint(backbone, path, seed: int = 0):
     torch.manual_seed(seed)
     config = RecognizerConfig(backbone="tiny", dtype="fp32", adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4))
     return EmotionRecognizer(backbone, config).save_pretrained(path)
+
+
+def start_tiny_service(tmp_path_factory, backbone, seed: int = 0, **kwargs):
+    """`start_test_service` on a fresh tiny checkpoint (for a module-scoped service fixture)."""
+    ckpt = save_tiny_checkpoint(backbone, tmp_path_factory.mktemp("ckpt") / "tiny", seed=seed)
+    return start_test_service(ckpt, **kwargs)

@@ -138,3 +138,24 @@ def test_data_check_on_the_shared_data_is_all_present(data_dir):
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "MISSING" not in out.stdout and "audio clips: 1,200 present" in out.stdout
+
+
+def test_progress_bars_are_drawn_only_on_a_terminal(monkeypatch):
+    from tracker.progress import progress_bar, progress_enabled
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("TRACKER_PROGRESS", raising=False)
+    log_file = io.StringIO()
+    assert not progress_enabled(log_file) and progress_enabled(Tty())
+    for _ in progress_bar(range(3), file=log_file):
+        pass
+    assert log_file.getvalue() == ""  # no carriage-return bars in a log
+    terminal = Tty()
+    for _ in progress_bar(range(3), file=terminal):
+        pass
+    assert "3/3" in terminal.getvalue()
+    monkeypatch.setenv("TRACKER_PROGRESS", "1")
+    assert progress_enabled(log_file)

@@ -14,7 +14,7 @@ import redis
 
 from services import protocol as P
 from services.auth import KeyStore
-from tests.conftest import save_tiny_checkpoint, start_test_service
+from tests.conftest import start_tiny_service
 from tests.test_security import bearer, converse
 from tracker.data import read_jsonl
 from tracker.labels import MELD7
@@ -27,9 +27,7 @@ TEXTS = ["Hello, thanks for calling.", "My order never arrived, this is the thir
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_backbone):
-    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_tiny_checkpoint(tiny_backbone, ckpt, seed=0)
-    svc = start_test_service(ckpt)
+    svc = start_tiny_service(tmp_path_factory, tiny_backbone)
     yield svc
     svc.stop()
 
