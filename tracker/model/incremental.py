@@ -174,7 +174,7 @@ class IncrementalLabeler:
             embeds, masks, rows=torch.arange(B, device=device), index=batch.answer_index,
             position_ids=positions, past_key_values=cache,
         )  # (B, H)
-        probs = torch.softmax(rec.label_logits(hidden), dim=-1).double().cpu().numpy()
+        probs = rec.probabilities(rec.label_logits(hidden))  # (B, L)
         if commit:
             self._store(rows, shifted, cache, P)
         return probs

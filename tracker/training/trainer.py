@@ -39,6 +39,7 @@ from tracker.model.adapter import collate_modalities
 from tracker.training.distributed import average_gradients, broadcast_flag, broadcast_parameters, shard
 from tracker.training.distributed import world as dist_world
 from tracker.training.examples import Example, class_weights, feature_statistics, load_examples
+from tracker.training.losses import AnswerLoss
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class Trainer:
         self.encoded = [rec.encode(ex.item) for ex in self.train_examples]
         labels = [ex.label for ex in self.train_examples]
         self.loss_weights = torch.tensor(class_weights(labels, len(rec.label_set), cfg.class_weighting), dtype=torch.float32)
+        self.answer_loss = AnswerLoss(cfg.loss, len(rec.label_set), labels, self.loss_weights,
+                                      focal_gamma=cfg.focal_gamma, logit_adjust_tau=cfg.logit_adjust_tau)
 
     # ------------------------------------------------------------------ helpers
     def _steps_per_epoch(self) -> int:
@@ -230,6 +233,7 @@ class Trainer:
                 self.warm_up_encoders()
             broadcast_parameters(params)  # every worker starts from rank 0's weights
         weights = self.loss_weights.to(rec.backbone.device)
+        answer_loss = self.answer_loss.to(rec.backbone.device)
         last_save = time.time()
         ema_loss = None
         bar = tqdm(total=total, initial=s["global_step"], desc="train", disable=not self.progress, dynamic_ncols=True)
@@ -245,7 +249,7 @@ class Trainer:
                     group["lr"] = cfg.lr * lr_factor(s["global_step"])
                 with self._autocast():
                     logits = rec(batch)
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights)
+                loss = answer_loss(logits, labels)
                 if cfg.aux_loss_weight > 0 and batch.modalities:
                     loss = loss + cfg.aux_loss_weight * self._aux_loss(batch.modalities, labels, weights)
                 optimizer.zero_grad(set_to_none=True)
