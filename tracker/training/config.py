@@ -73,6 +73,10 @@ class TrainConfig:
     checkpoint_minutes: float = 3.0  # resumable state is written at least this often
     seed: int = 0
     autocast_bf16: bool = True  # bf16 autocast where supported
+    # context_first prompts: run the past-turns prefix (no trainable input) outside autograd, so the
+    # backward pass covers the suffix only (tracker.model.incremental.IncrementalLabeler.train_logits);
+    # the same logits and gradients as the plain forward, in less time
+    prefix_without_grad: bool = True
     num_threads: int = 0  # torch threads (0 = torch's default)
     dev_limit: int = 0  # evaluate on the first N dev utterances only (0 = all)
     # Auxiliary loss on the adapter's per-modality classifiers (needs model.adapter.aux_classes = the

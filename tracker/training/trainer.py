@@ -234,6 +234,11 @@ class Trainer:
             broadcast_parameters(params)  # every worker starts from rank 0's weights
         weights = self.loss_weights.to(rec.backbone.device)
         answer_loss = self.answer_loss.to(rec.backbone.device)
+        split = None
+        if cfg.prefix_without_grad and rec.config.prompt.layout == "context_first":
+            from tracker.model.incremental import IncrementalLabeler
+
+            split = IncrementalLabeler(rec, max_cache_bytes=0)
         last_save = time.time()
         ema_loss = None
         bar = tqdm(total=total, initial=s["global_step"], desc="train", disable=not self.progress, dynamic_ncols=True)
@@ -248,7 +253,10 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * lr_factor(s["global_step"])
                 with self._autocast():
-                    logits = rec(batch)
+                    if split is not None:
+                        logits = split.train_logits([self.train_examples[i].item for i in idx], [self.encoded[i] for i in idx])
+                    else:
+                        logits = rec(batch)
                 loss = answer_loss(logits, labels)
                 if cfg.aux_loss_weight > 0 and batch.modalities:
                     loss = loss + cfg.aux_loss_weight * self._aux_loss(batch.modalities, labels, weights)
