@@ -196,3 +196,19 @@ def test_init_from_an_older_architecture_keeps_matching_tensors_and_starts_new_o
     torch.testing.assert_close(new.adapter.encoders["audio"].lstm.weight_ih_l0, old.adapter.encoders["audio"].lstm.weight_ih_l0)
     with pytest.raises(RuntimeError):
         new.load_trainable_state_dict(old.trainable_state_dict())  # strict by default
+
+
+def test_the_configured_answer_loss_is_the_one_trained_on(tmp_path, tiny_backbone, data_dir):
+    first: dict[str, float] = {}
+    for kind in ("ce", "focal", "logit_adjusted"):
+        cfg = tiny_config(tmp_path / kind, loss=kind, max_steps=1, epochs=1, dev=[])
+        torch.manual_seed(0)
+        rec = EmotionRecognizer(tiny_backbone, cfg.model)
+        trainer = Trainer(cfg, recognizer=rec, progress=False,
+                          hooks=[lambda ev, info, k=kind: first.setdefault(k, info["loss"]) if ev == "step" else None])
+        trainer.prepare()
+        assert trainer.answer_loss.kind == kind
+        trainer.fit()
+    # same weights, same first batch: focal (gamma 2) is smaller than CE, logit adjustment differs from it
+    assert first["focal"] < first["ce"]
+    assert abs(first["logit_adjusted"] - first["ce"]) > 1e-4

@@ -104,30 +104,45 @@ def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="utterances per forward pass")
     p.add_argument("--json", default=None, help="write the JSON report here")
     p.add_argument("--limit", type=int, default=0, help="first N conversations only")
+    p.add_argument("--plots", default=None, help="save a reliability diagram and a confusion matrix (PNG) per data spec into this directory")
+
+
+def _spec_slug(spec: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec).strip("_") or "data"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Accuracy, weighted F1, per-class P/R/F1 and the confusion matrix of a checkpoint on labelled data."""
+    """Accuracy, weighted and macro F1, per-class P/R/F1, confusion matrix and calibration (ECE, 15 bins)."""
     import json
+    from pathlib import Path
 
-    from tracker.data import labels_read_as
+    from tracker.metrics import calibration_report, save_confusion_png, save_reliability_png
     from tracker.model.default import default_checkpoint
     from tracker.model.recognizer import EmotionRecognizer
-    from tracker.training.evaluate import evaluate
-    from tracker.training.examples import load_examples
+    from tracker.training.evaluate import evaluate, spec_examples
 
     checkpoint = args.checkpoint or default_checkpoint()
     rec = EmotionRecognizer.from_pretrained(checkpoint)
-    out = {"checkpoint": str(checkpoint), "reports": {}}
+    out = {"checkpoint": str(checkpoint), "temperature": rec.config.temperature, "reports": {}}
+    plots = Path(args.plots) if args.plots else None
+    if plots:
+        plots.mkdir(parents=True, exist_ok=True)
     for spec in args.data:
-        read_as = args.read_as or labels_read_as(spec, rec.label_set.name)
-        examples = load_examples(spec, rec.label_set, rec.config.prompt.context_turns, read_as, args.limit,
-                                 modalities=rec.config.adapter.modalities,
-                                 context_min_turns=rec.config.prompt.context_min_turns)
-        report, _ = evaluate(rec, examples, batch_size=args.batch_size)
+        examples = spec_examples(rec, spec, args.read_as, args.limit)
+        report, probs = evaluate(rec, examples, batch_size=args.batch_size)
+        calib = calibration_report(probs, [ex.label for ex in examples])
         print(f"== {spec} ({checkpoint})")
         print(report.to_text())
-        out["reports"][spec] = report.to_dict()
+        print(f"\ncalibration: ECE {100 * calib.ece:.2f}% over {calib.bins} bins (temperature {rec.config.temperature:.3f})")
+        out["reports"][spec] = {**report.to_dict(), "calibration": calib.to_dict()}
+        if plots:
+            slug = _spec_slug(spec)
+            rel = save_reliability_png({spec: calib}, plots / f"reliability-{slug}.png",
+                                       title=f"{spec}: T={rec.config.temperature:.2f}")
+            save_confusion_png(report, plots / f"confusion-{slug}.png", title=spec)
+            print(f"plots: {rel} and {plots / f'confusion-{slug}.png'}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2)
@@ -136,6 +151,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 cmd_eval.configure = _configure_eval
 command("eval", "evaluate a checkpoint on labelled data")(cmd_eval)
+
+
+def _configure_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="the adapter checkpoint directory to calibrate (rewritten in place)")
+    p.add_argument("--data", action="append", required=True, help="dev data to fit on (meld:dev, ravdess:dev, ...); repeatable, pooled")
+    p.add_argument("--batch-size", type=int, default=8, help="utterances per forward pass")
+    p.add_argument("--limit", type=int, default=0, help="first N conversations of each spec only")
+    p.add_argument("--dry-run", action="store_true", help="report the fit without writing the checkpoint")
+    p.add_argument("--plot", default=None, help="save a reliability diagram before and after (PNG) here")
+    p.add_argument("--json", default=None, help="write the fit and ECE before/after here")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit the checkpoint's temperature on dev data (NLL) and store it in its config; ECE before and after."""
+    import json
+
+    import numpy as np
+
+    from tracker.metrics import calibration_report, save_reliability_png
+    from tracker.model.recognizer import EmotionRecognizer
+    from tracker.training.calibrate import fit_temperature, rescale
+    from tracker.training.evaluate import predict_examples, spec_examples
+
+    rec = EmotionRecognizer.from_pretrained(args.checkpoint)
+    parts = {}
+    for spec in args.data:
+        examples = spec_examples(rec, spec, limit=args.limit)
+        parts[spec] = (predict_examples(rec, examples, args.batch_size), np.array([ex.label for ex in examples]))
+    probs = np.concatenate([p for p, _ in parts.values()])
+    gold = np.concatenate([g for _, g in parts.values()])
+    fit = fit_temperature(probs, gold, current=rec.config.temperature)
+    out = {"checkpoint": str(args.checkpoint), "temperature_before": rec.config.temperature,
+           "temperature": fit.temperature, "nll_before": fit.nll_before, "nll_after": fit.nll_after, "data": {}}
+    print(f"temperature {rec.config.temperature:.4f} -> {fit.temperature:.4f}   NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}")
+    for spec, (p, g) in parts.items():
+        before, after = calibration_report(p, g), calibration_report(rescale(p, fit.factor), g)
+        out["data"][spec] = {"ece_before": before.ece, "ece_after": after.ece}
+        print(f"{spec}: ECE {100 * before.ece:.2f}% -> {100 * after.ece:.2f}% ({len(g)} utterances, 15 bins)")
+    if args.plot:
+        save_reliability_png({"before": fit.before, "after": fit.after}, args.plot,
+                             title=f"{' + '.join(parts)}: T {rec.config.temperature:.2f} -> {fit.temperature:.2f}")
+        print(f"plot: {args.plot}")
+    if not args.dry_run:
+        rec.config.temperature = fit.temperature
+        rec.save_pretrained(args.checkpoint)
+        print(f"wrote temperature {fit.temperature:.4f} into {args.checkpoint}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return 0
+
+
+cmd_calibrate.configure = _configure_calibrate
+command("calibrate", "fit a checkpoint's temperature on dev data")(cmd_calibrate)
 
 
 def _configure_train_refiner(p: argparse.ArgumentParser) -> None:

@@ -107,3 +107,65 @@ def save_confusion_png(report: ClassificationReport, path: str | Path, title: st
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+@dataclass
+class CalibrationReport:
+    """Expected calibration error and the reliability curve of top-label confidences."""
+
+    ece: float  # sum over bins of (bin share) x |accuracy - mean confidence|
+    bins: int
+    confidence: list[float]  # mean top-label confidence per bin (NaN where empty)
+    accuracy: list[float]  # accuracy per bin (NaN where empty)
+    counts: list[int]  # utterances per bin
+
+    def to_dict(self) -> dict:
+        return {"ece": self.ece, "bins": self.bins, "confidence": self.confidence, "accuracy": self.accuracy,
+                "counts": self.counts}
+
+
+def calibration_report(probs: np.ndarray, gold: Sequence[int], bins: int = 15) -> CalibrationReport:
+    """ECE over `bins` equal-width confidence bins (Guo et al. 2017) of the top label's probability."""
+    probs = np.asarray(probs, dtype=np.float64)  # (N, L)
+    gold = np.asarray(gold, dtype=np.int64)  # (N,)
+    if probs.ndim != 2 or probs.shape[0] != gold.shape[0]:
+        raise ValueError(f"probabilities (N, L) and gold (N,) differ: {probs.shape} vs {gold.shape}")
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == gold).astype(np.float64)
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)  # bin i holds (i/bins, (i+1)/bins]; 1.0 in the last
+    counts = np.bincount(which, minlength=bins)
+    conf_sum = np.bincount(which, weights=conf, minlength=bins)
+    acc_sum = np.bincount(which, weights=correct, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = conf_sum / counts
+        mean_acc = acc_sum / counts
+    n = max(1, int(gold.size))
+    ece = float(np.nansum(counts / n * np.abs(mean_acc - mean_conf)))
+    return CalibrationReport(ece=ece, bins=bins, confidence=mean_conf.tolist(), accuracy=mean_acc.tolist(),
+                             counts=counts.astype(int).tolist())
+
+
+def save_reliability_png(reports: dict[str, CalibrationReport], path: str | Path, title: str = "") -> Path:
+    """A reliability diagram: per-bin accuracy against mean confidence, one curve per named report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, rep in reports.items():
+        conf, acc = np.asarray(rep.confidence), np.asarray(rep.accuracy)
+        keep = np.asarray(rep.counts) > 0
+        ax.plot(conf[keep], acc[keep], marker="o", label=f"{name} (ECE {100 * rep.ece:.1f}%)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence of the top label")
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title or "reliability")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -148,6 +148,16 @@ class IncrementalLabeler:
         return [sorted(order[:split]), sorted(order[split:])]
 
     def _run(self, rows: list[_Row], commit: bool) -> np.ndarray:
+        cache_of = lambda P, dtype, device: self._batched_cache(rows, P, dtype, device)  # noqa: E731
+        logits, shifted, cache, P = self._suffix_logits(rows, cache_of)
+        probs = self.recognizer.probabilities(logits)  # (B, L)
+        if commit:
+            self._store(rows, shifted, cache, P)
+        return probs
+
+    def _suffix_logits(self, rows: list[_Row], cache_of):
+        """Label logits (B, L) of rows whose first ``r.p`` tokens are in the cache ``cache_of(P, dtype, device)``
+        builds (left-padded to P); the LLM runs over each row's remaining tokens only."""
         rec = self.recognizer
         device = rec.backbone.device
         # the new tokens of each row, as an EncodedPrompt shifted by its cached length
@@ -167,17 +177,50 @@ class IncrementalLabeler:
         p = torch.tensor([r.p for r in rows], dtype=torch.long, device=device)  # (B,)
         n = torch.tensor([len(s.input_ids) for s in shifted], dtype=torch.long, device=device)  # (B,)
         P = int(p.max())
-        cache = self._batched_cache(rows, P, embeds.dtype, device)
+        cache = cache_of(P, embeds.dtype, device)
         positions = p[:, None] + torch.arange(S, device=device)  # (B, S)
         masks = self._masks(p, n, P, S, embeds.dtype)
         hidden = rec.head_hidden(
             embeds, masks, rows=torch.arange(B, device=device), index=batch.answer_index,
             position_ids=positions, past_key_values=cache,
         )  # (B, H)
-        probs = torch.softmax(rec.label_logits(hidden), dim=-1).double().cpu().numpy()
-        if commit:
-            self._store(rows, shifted, cache, P)
-        return probs
+        return rec.label_logits(hidden), shifted, cache, P
+
+    def train_logits(self, items: Sequence[UtteranceInput], encoded: Sequence[EncodedPrompt] | None = None) -> torch.Tensor:
+        """Label logits (B, L) for training, equal to ``recognizer(collate(items))``, with gradients to the adapter.
+
+        The past-turns prefix of a ``context_first`` prompt depends on no trainable parameter, so it
+        runs once without autograd and only the suffix (pseudo tokens, utterance, instruction) runs
+        with it: the backward pass skips the prefix, which is most of a prompt with context. No cache
+        entry is read or written.
+        """
+        from transformers import DynamicCache
+
+        rec = self.recognizer
+        device = rec.backbone.device
+        encoded = list(encoded) if encoded is not None else [rec.encode(it) for it in items]
+        lengths = [e.prefix_len for e in encoded]
+        P = max(lengths)
+        with torch.no_grad():
+            ids = torch.full((len(items), P), rec.prompt.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(items), P), dtype=torch.long)
+            for b, e in enumerate(encoded):
+                ids[b, : e.prefix_len] = torch.tensor(e.input_ids[: e.prefix_len])
+                mask[b, : e.prefix_len] = 1
+            prefix_cache = DynamicCache()
+            embeds = rec.backbone.embed(ids.to(device))  # (B, P, H), right-padded prefixes
+            rows = torch.arange(len(items), device=device)
+            rec.head_hidden(embeds, mask.to(device), rows=rows, index=torch.zeros_like(rows), past_key_values=prefix_cache)
+            data = []
+            for layer in prefix_cache.layers[: rec.cached_layers]:
+                k, v = torch.zeros_like(layer.keys), torch.zeros_like(layer.values)  # (B, h, P, D) left-padded
+                for b, n in enumerate(lengths):
+                    k[b, :, P - n :] = layer.keys[b, :, :n]
+                    v[b, :, P - n :] = layer.values[b, :, :n]
+                data.append((k, v))
+        plan = [_Row("", it, e, PrefixEntry(tuple(e.input_ids[: e.prefix_len]), [], [])) for it, e in zip(items, encoded)]
+        logits, _, _, _ = self._suffix_logits(plan, lambda P_, dtype, dev: DynamicCache(ddp_cache_data=data))
+        return logits
 
     def _batched_cache(self, rows: list[_Row], P: int, dtype: torch.dtype, device: torch.device):
         from transformers import DynamicCache

@@ -48,8 +48,13 @@ class RecognizerConfig:
     # smaller values soften it: on a middle layer those rows give very confident, mostly wrong logits
     # (initial loss 3-7), which slows early training; 0 starts from a uniform distribution.
     head_init_scale: float = 1.0
+    # Probabilities are softmax(logits / temperature). 1 = as trained; `tracker calibrate` fits it on a
+    # dev set after training (tracker.training.calibrate) so that confidences match accuracies.
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature!r}")
         if self.head not in ("lm_head", "linear"):
             raise ConfigError(f"head: must be lm_head or linear, got {self.head!r}")
         if self.head_layer < 0:
@@ -355,6 +360,14 @@ class EmotionRecognizer(nn.Module):
         """Logits over the label set for each row: (B, L)."""
         return self.label_logits(self.answer_hidden(batch))
 
+    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """The label distribution that leaves the recognizer: softmax(logits / temperature), (B, L) float64.
+
+        Every path that hands probabilities out (batch prediction, the incremental service path,
+        replay) goes through here, so a calibrated temperature applies everywhere at once.
+        """
+        return torch.softmax(logits.float() / self.config.temperature, dim=-1).double().cpu().numpy()
+
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
     def predict_proba(self, items: Sequence[UtteranceInput], batch_size: int = 8) -> np.ndarray:
@@ -368,8 +381,7 @@ class EmotionRecognizer(nn.Module):
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 batch = self.collate([items[i] for i in idx], [encoded[i] for i in idx])
-                probs = torch.softmax(self.forward(batch), dim=-1).double().cpu().numpy()
-                out[idx] = probs
+                out[idx] = self.probabilities(self.forward(batch))
             return out
         finally:
             self.train(was_training)

@@ -63,11 +63,20 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     class_weighting: Literal["none", "inverse_sqrt", "inverse"] = "inverse_sqrt"
+    # the answer loss (tracker.training.losses): ce, focal ((1 - p)^focal_gamma x CE) or logit_adjusted
+    # (CE on logits + logit_adjust_tau x log train prior; plain logits at inference)
+    loss: Literal["ce", "focal", "logit_adjusted"] = "ce"
+    focal_gamma: float = 2.0
+    logit_adjust_tau: float = 1.0
     eval_every_steps: int = 0  # 0 = once per epoch
     patience: int = 3  # evaluations without dev improvement before stopping
     checkpoint_minutes: float = 3.0  # resumable state is written at least this often
     seed: int = 0
     autocast_bf16: bool = True  # bf16 autocast where supported
+    # context_first prompts: run the past-turns prefix (no trainable input) outside autograd, so the
+    # backward pass covers the suffix only (tracker.model.incremental.IncrementalLabeler.train_logits);
+    # the same logits and gradients as the plain forward, in less time
+    prefix_without_grad: bool = True
     num_threads: int = 0  # torch threads (0 = torch's default)
     dev_limit: int = 0  # evaluate on the first N dev utterances only (0 = all)
     # Auxiliary loss on the adapter's per-modality classifiers (needs model.adapter.aux_classes = the
@@ -95,6 +104,12 @@ class TrainConfig:
             raise ConfigError(f"select_on: must be first or mean, got {self.select_on!r}")
         if self.class_weighting not in ("none", "inverse_sqrt", "inverse"):
             raise ConfigError(f"class_weighting: must be none, inverse_sqrt or inverse, got {self.class_weighting!r}")
+        if self.loss not in ("ce", "focal", "logit_adjusted"):
+            raise ConfigError(f"loss: must be ce, focal or logit_adjusted, got {self.loss!r}")
+        if self.focal_gamma < 0:
+            raise ConfigError(f"focal_gamma: must be >= 0, got {self.focal_gamma}")
+        if self.logit_adjust_tau < 0:
+            raise ConfigError(f"logit_adjust_tau: must be >= 0, got {self.logit_adjust_tau}")
         if self.aux_loss_weight < 0:
             raise ConfigError(f"aux_loss_weight: must be >= 0, got {self.aux_loss_weight}")
         if self.encoder_warmup_epochs < 0:

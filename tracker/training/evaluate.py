@@ -6,7 +6,7 @@ import numpy as np
 
 from tracker.metrics import ClassificationReport, classification_report
 from tracker.model.recognizer import EmotionRecognizer
-from tracker.training.examples import Example
+from tracker.training.examples import Example, load_examples
 
 
 def predict_examples(recognizer: EmotionRecognizer, examples: list[Example], batch_size: int = 8) -> np.ndarray:
@@ -18,3 +18,13 @@ def evaluate(recognizer: EmotionRecognizer, examples: list[Example], batch_size:
     probs = predict_examples(recognizer, examples, batch_size)
     gold = [ex.label for ex in examples]
     return classification_report(gold, probs.argmax(1), recognizer.label_set.labels), probs
+
+
+def spec_examples(recognizer: EmotionRecognizer, spec: str, read_as: str = "", limit: int = 0) -> list[Example]:
+    """The labelled examples of a data spec (meld:dev, ravdess:dev, a .jsonl ...) as this recognizer reads them."""
+    from tracker.data import labels_read_as
+
+    cfg = recognizer.config
+    return load_examples(spec, recognizer.label_set, cfg.prompt.context_turns,
+                         read_as or labels_read_as(spec, recognizer.label_set.name), limit,
+                         modalities=cfg.adapter.modalities, context_min_turns=cfg.prompt.context_min_turns)

@@ -41,6 +41,7 @@ from tracker.model.adapter import collate_modalities
 from tracker.training.distributed import average_gradients, broadcast_flag, broadcast_parameters, shard
 from tracker.training.distributed import world as dist_world
 from tracker.training.examples import Example, class_weights, feature_statistics, load_examples
+from tracker.training.losses import AnswerLoss
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class Trainer:
         self.encoded = [rec.encode(ex.item) for ex in self.train_examples]
         labels = [ex.label for ex in self.train_examples]
         self.loss_weights = torch.tensor(class_weights(labels, len(rec.label_set), cfg.class_weighting), dtype=torch.float32)
+        self.answer_loss = AnswerLoss(cfg.loss, len(rec.label_set), labels, self.loss_weights,
+                                      focal_gamma=cfg.focal_gamma, logit_adjust_tau=cfg.logit_adjust_tau)
 
     # ------------------------------------------------------------------ helpers
     def _steps_per_epoch(self) -> int:
@@ -232,6 +235,12 @@ class Trainer:
                 self.warm_up_encoders()
             broadcast_parameters(params)  # every worker starts from rank 0's weights
         weights = self.loss_weights.to(rec.backbone.device)
+        answer_loss = self.answer_loss.to(rec.backbone.device)
+        split = None
+        if cfg.prefix_without_grad and rec.config.prompt.layout == "context_first":
+            from tracker.model.incremental import IncrementalLabeler
+
+            split = IncrementalLabeler(rec, max_cache_bytes=0)
         last_save = time.time()
         ema_loss = None
         bar = progress_bar(total=total, initial=s["global_step"], desc="train", disable=not self.progress, dynamic_ncols=True)
@@ -247,8 +256,11 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.lr * lr_factor(s["global_step"])
                 with self._autocast():
-                    logits = rec(batch)
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weights)
+                    if split is not None:
+                        logits = split.train_logits([self.train_examples[i].item for i in idx], [self.encoded[i] for i in idx])
+                    else:
+                        logits = rec(batch)
+                loss = answer_loss(logits, labels)
                 if cfg.aux_loss_weight > 0 and batch.modalities:
                     loss = loss + cfg.aux_loss_weight * self._aux_loss(batch.modalities, labels, weights)
                 optimizer.zero_grad(set_to_none=True)
