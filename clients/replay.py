@@ -15,9 +15,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tracker.data import labels_read_as, load_dataset
 from tracker.data.records import Conversation
-from tracker.metrics import ClassificationReport, classification_report
+from tracker.metrics import CalibrationReport, ClassificationReport, calibration_report, classification_report
 
 
 def replay_in_process(recognizer, conversations: list[Conversation], batch_size: int = 8, features=None) -> list[dict[str, Any]]:
@@ -110,6 +112,13 @@ def report_for(records: list[dict[str, Any]], labels: list[str]) -> Classificati
     return classification_report([labels.index(r["gold"]) for r in scored], [labels.index(r["label"]) for r in scored], labels)
 
 
+def calibration_for(records: list[dict[str, Any]], labels: list[str]) -> CalibrationReport:
+    """ECE (15 bins) of the replayed probabilities, as `tracker eval` reports it."""
+    scored = [r for r in records if r.get("gold") in labels]
+    probs = np.array([[r["probabilities"][lab] for lab in labels] for r in scored])
+    return calibration_report(probs, [labels.index(r["gold"]) for r in scored])
+
+
 def run_replay(data: str, checkpoint: str | None, through: str | None, speed: float, out_path: str | None,
                report_path: str | None, limit: int = 0, batch_size: int = 8, api_key: str | None = None) -> int:
     from tracker.model.recognizer import EmotionRecognizer
@@ -144,7 +153,9 @@ def run_replay(data: str, checkpoint: str | None, through: str | None, speed: fl
     print(f"{len(records)} predictions written to {out_path}")
     report = report_for(records, list(label_set.labels))
     if report is not None:
+        calib = calibration_for(records, list(label_set.labels))
         print(report.to_text())
+        print(f"\ncalibration: ECE {100 * calib.ece:.2f}% over {calib.bins} bins")
         if report_path:
-            Path(report_path).write_text(json.dumps(report.to_dict(), indent=2))
+            Path(report_path).write_text(json.dumps({**report.to_dict(), "calibration": calib.to_dict()}, indent=2))
     return 0
