@@ -122,7 +122,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         read_as = args.read_as or labels_read_as(spec, rec.label_set.name)
         examples = load_examples(spec, rec.label_set, rec.config.prompt.context_turns, read_as, args.limit,
                                  modalities=rec.config.adapter.modalities,
-                                 context_min_turns=rec.config.prompt.context_min_turns)
+                                 context_min_turns=rec.config.prompt.context_min_turns,
+                                 speaker_norm=rec.speaker_normalizers())
         report, _ = evaluate(rec, examples, batch_size=args.batch_size)
         print(f"== {spec} ({checkpoint})")
         print(report.to_text())

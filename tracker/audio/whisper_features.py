@@ -153,9 +153,11 @@ class WhisperEncoderFeatures(CachedExtractor):
 def reference_encoder_states(model_dir: str | Path, mel: np.ndarray) -> list[np.ndarray]:
     """Every encoder layer's states for one (80, frames) log-mel, in torch fp32 from the model.bin weights.
 
-    Returns ``[after block 1, ..., after block N, final LayerNorm of block N]`` as (frames/2, d)
-    arrays: the pre-LN Whisper encoder (conv-GELU x2, sinusoidal positions, N blocks of self-attention
-    and a GELU MLP), with CTranslate2's fused query/key/value projection split back into three.
+    Returns, for each block l = 1..N, the encoder's final LayerNorm applied to the states after
+    block l, as (frames/2, d) arrays: what CTranslate2 returns for a model cut after block l (the
+    last entry is the full encoder's output). The pre-LN Whisper encoder: conv-GELU x2, sinusoidal
+    positions, N blocks of self-attention and a GELU MLP; CTranslate2 stores the query/key/value
+    projections fused in one matrix, split back into three here.
     """
     import torch
     import torch.nn.functional as F
@@ -187,7 +189,6 @@ def reference_encoder_states(model_dir: str | Path, mel: np.ndarray) -> list[np.
             h = F.layer_norm(x, (d,), g(p + "ffn/layer_norm/gamma"), g(p + "ffn/layer_norm/beta"))
             x = x + F.linear(F.gelu(F.linear(h, g(p + "ffn/linear_0/weight"), g(p + "ffn/linear_0/bias"))),
                              g(p + "ffn/linear_1/weight"), g(p + "ffn/linear_1/bias"))
-            out.append(x[0].numpy().copy())
+            out.append(F.layer_norm(x, (d,), g("encoder/layer_norm/gamma"), g("encoder/layer_norm/beta"))[0].numpy())
             layer += 1
-        out.append(F.layer_norm(x, (d,), g("encoder/layer_norm/gamma"), g("encoder/layer_norm/beta"))[0].numpy())
     return out
