@@ -155,7 +155,7 @@ def test_feature_sources_are_parsed_and_validated(rand_model):
     assert parse_source("whisper_tiny.en_l3_mean").feature_dim == 384
     assert parse_source("egemaps_functionals").feature_dim == 88
     for bad, msg in [("whisper_base_l7_meanstd", "blocks 1..6"), ("whisper_large_l2_mean", "unknown Whisper model"),
-                     ("whisper_base_l2_max", "unknown feature source"), ("mfcc", "unknown feature source")]:
+                     ("whisper_base_l2_max", "unknown source"), ("mfcc", "unknown source")]:
         with pytest.raises(ConfigError, match=msg):
             parse_source(bad)
     with pytest.raises(ConfigError, match=r"modalities.w.feature_dim: source whisper_rand_l2_meanstd gives 128"):

@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tracker.audio.pcm import AudioFormatError, check_sample_rate, int16_to_float32, to_mono
+from tracker.audio.features import as_float_mono
+from tracker.audio.pcm import AudioFormatError, check_sample_rate
 from tracker.audio.whisper_features import MAX_FRAMES, WHISPER_RATE, log_mel, to_whisper_input
 from tracker.config import ConfigError
 
@@ -85,18 +86,9 @@ class Transcript:
 
 
 def _as_float(signal: np.ndarray) -> np.ndarray:
-    x = np.asarray(signal)
-    if x.ndim not in (1, 2):
-        raise AudioFormatError(f"utterance audio: expected shape (n,) or (n, channels), got {x.shape}")
-    if x.dtype == np.int16:
-        x = int16_to_float32(x)
-    elif not np.issubdtype(x.dtype, np.floating):
-        raise AudioFormatError(f"utterance audio: expected float or int16 samples, got dtype {x.dtype}")
-    x = to_mono(x).astype(np.float32, copy=False)
+    x = as_float_mono(signal, "utterance audio")
     if x.size == 0:
         raise AudioFormatError("utterance audio is empty (0 samples)")
-    if not np.all(np.isfinite(x)):
-        raise AudioFormatError("utterance audio contains NaN or infinity")
     return x
 
 

@@ -97,7 +97,7 @@ class CachedExtractor:
 
     def process_signal(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
         """Features of a 1-D (or (n, ch), averaged) float or int16 signal as float32 (frames, F)."""
-        x = _as_float_mono(signal)
+        x = as_float_mono(signal)
         sample_rate = check_sample_rate(sample_rate)
         h = hashlib.sha256()
         h.update(f"signal:{sample_rate}:{x.dtype.str}:{x.shape}".encode())
@@ -127,7 +127,7 @@ class CachedExtractor:
         return self.cache_dir / key[:2] / f"{key}.npy"
 
     def _checked(self, x: np.ndarray, sample_rate: int) -> np.ndarray:
-        x = _as_float_mono(x)
+        x = as_float_mono(x)
         if x.size == 0:
             raise AudioFormatError("cannot extract features from empty audio (0 samples)")
         out = self._compute(x, sample_rate)
@@ -199,17 +199,18 @@ class FeatureExtractor(CachedExtractor):
         return np.nan_to_num(frame.to_numpy(dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _as_float_mono(signal: np.ndarray) -> np.ndarray:
+def as_float_mono(signal: np.ndarray, what: str = "signal") -> np.ndarray:
+    """float or int16 samples, (n,) or (n, channels), as finite float32 mono; AudioFormatError naming `what` otherwise."""
     x = np.asarray(signal)
     if x.ndim not in (1, 2):
-        raise AudioFormatError(f"signal: expected shape (n,) or (n, channels), got {x.shape}")
+        raise AudioFormatError(f"{what}: expected shape (n,) or (n, channels), got {x.shape}")
     if x.dtype == np.int16:
         x = int16_to_float32(x)
     elif not np.issubdtype(x.dtype, np.floating):
-        raise AudioFormatError(f"signal: expected float or int16 samples, got dtype {x.dtype}")
+        raise AudioFormatError(f"{what}: expected float or int16 samples, got dtype {x.dtype}")
     x = to_mono(x).astype(np.float32, copy=False)
     if not np.all(np.isfinite(x)):
-        raise AudioFormatError("signal contains NaN or infinity")
+        raise AudioFormatError(f"{what} contains NaN or infinity")
     return x
 
 

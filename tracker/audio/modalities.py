@@ -60,7 +60,7 @@ def parse_source(source: str) -> SourceSpec:
         return SourceSpec(source, "egemaps", level=SOURCES[source])
     m = _WHISPER.match(source) if isinstance(source, str) else None
     if m is None:
-        raise ConfigError(f"unknown feature source {source!r} (known: {SOURCE_HELP})")
+        raise ConfigError(f"unknown source {source!r} (known: {SOURCE_HELP})")
     from tracker.audio.whisper_models import PACKAGED
 
     model, layer = m["model"], int(m["layer"])
