@@ -16,7 +16,7 @@ Two recognizers:
 - the full shipped recognizer (tracker/assets/model: Gemma-3-270M + adapter reading eGeMAPS and
   the text), with the text and the 8 kHz audio, and with the audio alone (empty text).
 
-    python bench/callcenter.py [--sources ...] [--norm] [--skip-recognizer]
+    python bench/callcenter.py [--sources ...] [--norm] [--skip-recognizer] [--skip-acoustic]
 """
 
 from __future__ import annotations
@@ -116,11 +116,14 @@ def main() -> int:
     ap.add_argument("--sources", nargs="+", default=["whisper_tiny.en_l2_meanstd", "whisper_base_l2_meanstd", EGEMAPS])
     ap.add_argument("--norm", action="store_true", help="past-only speaker normalisation (per voice and role)")
     ap.add_argument("--skip-recognizer", action="store_true")
+    ap.add_argument("--skip-acoustic", action="store_true")
     args = ap.parse_args()
     lines = voiced_lines()
     print(f"{len(lines)} lines voiced at 8 kHz ({sum(len(ln['audio']) / ln['rate'] for ln in lines):.0f} s)\n", flush=True)
-    rows = [(f"acoustic path: probe on {' + '.join(args.sources)}{' + speaker norm' if args.norm else ''}",
-             acoustic_path(lines, args.sources, args.norm))]
+    rows = []
+    if not args.skip_acoustic:
+        rows.append((f"acoustic path: probe on {' + '.join(args.sources)}{' + speaker norm' if args.norm else ''}",
+                     acoustic_path(lines, args.sources, args.norm)))
     if not args.skip_recognizer:
         text_audio, audio_only = full_recognizer(lines)
         rows += [("shipped recognizer (tracker/assets/model), text + audio", text_audio),
