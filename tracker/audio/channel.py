@@ -23,6 +23,7 @@ from tracker.config import ConfigError
 
 TELEPHONE_RATE = 8000
 TELEPHONE_DEV_SEED = 20261204  # the fixed seed of the telephone-band copy of a dev set
+COPY_KEY = "dev"  # a fixed copy's clip is drawn with keys (clip id, COPY_KEY): the same in training, eval and benches
 MU = 255.0
 A = 87.6
 

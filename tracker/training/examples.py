@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 from tqdm import tqdm
 
+from tracker.audio.channel import COPY_KEY
 from tracker.data import load_dataset
 from tracker.data.records import Conversation, iter_examples
 from tracker.labels import LabelSet
@@ -84,7 +85,8 @@ def examples_from_conversations(
 
     `features` is a :class:`tracker.audio.modalities.ModalityFeatures` naming the modalities to compute;
     with `channel` (a ``ChannelAugment``) the audio goes through the telephone channel first, with the
-    channel's seed and the utterance id as keys (a fixed telephone-band copy of the data).
+    channel's seed and (utterance id, ``COPY_KEY``) as keys: a fixed telephone-band copy of the data, the
+    same one bench/audio_encoders.py scores (``channel: {seed: 20261204}`` = ``TELEPHONE_DEV_SEED``).
     """
     out: list[Example] = []
     pairs = list(iter_examples(conversations, k=context_turns, min_k=context_min_turns))
@@ -97,7 +99,7 @@ def examples_from_conversations(
         ref = AudioRef(utt.audio_path, utt.start_s, utt.end_s) if utt.audio_path else None
         feats = {}
         if with_audio and ref is not None:
-            feats = clip_features(features, ref, channel, getattr(channel, "seed", 0), (utt.utterance_id,))
+            feats = clip_features(features, ref, channel, getattr(channel, "seed", 0), (utt.utterance_id, COPY_KEY))
         item = UtteranceInput(text=utt.text, speaker=utt.speaker, context=tuple(context), features=feats)
         out.append(Example(utt.utterance_id, item, label_set.index(utt.label), ref, f"{source}:{utt.speaker}",
                            utt.conversation_id))
