@@ -12,7 +12,7 @@ Two recognizers:
 - the acoustic path alone: the probe of bench/audio_encoders.py (standardisation + logistic
   regression, C by actor-grouped CV) trained on RAVDESS train as recorded plus one telephone-channel
   copy per clip (seed 0), on the `--sources` features (default: Whisper tiny.en block 2 + base
-  block 2 + eGeMAPS functionals), optionally with past-only speaker normalisation per voice;
+  block 4 + eGeMAPS functionals, the best of bench/audio_encoders.py), optionally with past-only speaker normalisation per voice;
 - the full shipped recognizer (tracker/assets/model: Gemma-3-270M + adapter reading eGeMAPS and
   the text), with the text and the 8 kHz audio, and with the audio alone (empty text).
 
@@ -113,7 +113,7 @@ def full_recognizer(lines: list[dict]) -> tuple[list[str], list[str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sources", nargs="+", default=["whisper_tiny.en_l2_meanstd", "whisper_base_l2_meanstd", EGEMAPS])
+    ap.add_argument("--sources", nargs="+", default=["whisper_tiny.en_l2_meanstd", "whisper_base_l4_meanstd", EGEMAPS])
     ap.add_argument("--norm", action="store_true", help="past-only speaker normalisation (per voice and role)")
     ap.add_argument("--skip-recognizer", action="store_true")
     ap.add_argument("--skip-acoustic", action="store_true")
