@@ -12,7 +12,8 @@ Two recognizers:
 - the acoustic path alone: the probe of bench/audio_encoders.py (standardisation + logistic
   regression, C by actor-grouped CV) trained on RAVDESS train as recorded plus one telephone-channel
   copy per clip (seed 0), on the `--sources` features (default: Whisper tiny.en block 2 + base
-  block 4 + eGeMAPS functionals, the best of bench/audio_encoders.py), optionally with past-only speaker normalisation per voice;
+  block 4 + eGeMAPS functionals, the best of bench/audio_encoders.py), optionally with past-only
+  speaker normalisation per voice and role;
 - the full shipped recognizer (tracker/assets/model: Gemma-3-270M + adapter reading eGeMAPS and
   the text), with the text and the 8 kHz audio, and with the audio alone (empty text).
 
