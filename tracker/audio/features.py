@@ -65,41 +65,44 @@ def default_cache_dir() -> Path:
     return cache_dir() / "features"
 
 
-class FeatureExtractor:
-    """openSMILE on numpy signals or files; ``compute_calls`` counts real extractions (cache misses)."""
+class CachedExtractor:
+    """Per-clip features of numpy signals or files, cached on disk by audio content and :meth:`settings`.
 
-    def __init__(self, config: FeatureExtractorConfig | None = None):
-        self.config = config or FeatureExtractorConfig()
+    Subclasses give ``config`` (with ``cache_dir`` and ``use_cache``), :attr:`n_features`,
+    :meth:`settings` and :meth:`_compute`; ``compute_calls`` counts real extractions (cache misses).
+    """
+
+    config: Any
+
+    def __init__(self) -> None:
         self.compute_calls = 0
         self.cache_hits = 0
-        self._smile: Any = None
-        self._lock = threading.Lock()  # one Smile instance is not safe to share between threads
+        self._lock = threading.Lock()  # extractors (openSMILE, CTranslate2) are not shared between threads
 
-    # -- public API ----------------------------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """Everything besides the audio that determines the output: part of the cache key."""
+        raise NotImplementedError
+
+    def _compute(self, x: np.ndarray, sample_rate: int) -> np.ndarray:
+        """float32 mono samples at `sample_rate` -> float32 (frames, n_features)."""
+        raise NotImplementedError
+
     @property
     def cache_dir(self) -> Path:
         return Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
 
-    @property
-    def feature_names(self) -> list[str]:
-        return list(self._get_smile().feature_names)
-
-    def settings(self) -> dict[str, Any]:
-        """Everything besides the audio that determines the output: part of the cache key."""
-        import opensmile
-
-        return {"feature_set": self.config.feature_set, "level": self.config.level,
-                "sample_rate": self.config.sample_rate, "opensmile": opensmile.__version__,
-                "min_seconds": MIN_SECONDS, "cache_version": CACHE_VERSION}
-
     def process_signal(self, signal: np.ndarray, sample_rate: int) -> np.ndarray:
         """Features of a 1-D (or (n, ch), averaged) float or int16 signal as float32 (frames, F)."""
-        x = _as_float_mono(signal)
+        x = as_float_mono(signal)
         sample_rate = check_sample_rate(sample_rate)
         h = hashlib.sha256()
         h.update(f"signal:{sample_rate}:{x.dtype.str}:{x.shape}".encode())
         h.update(np.ascontiguousarray(x).tobytes())
-        return self._cached(h.hexdigest(), lambda: self._compute(x, sample_rate))
+        return self._cached(h.hexdigest(), lambda: self._checked(x, sample_rate))
 
     def process_file(self, path: str | Path, start: float | None = None, end: float | None = None) -> np.ndarray:
         """Features of an audio file, or of its [start, end) span in seconds."""
@@ -110,7 +113,7 @@ class FeatureExtractor:
 
         def compute() -> np.ndarray:
             samples, rate = read_audio(path, dtype="float32", target_rate=None, start=start, end=end)
-            return self._compute(samples, rate)
+            return self._checked(samples, rate)
 
         return self._cached(hashlib.sha256(key.encode()).hexdigest(), compute)
 
@@ -123,12 +126,20 @@ class FeatureExtractor:
         key = self.cache_key(content_hash)
         return self.cache_dir / key[:2] / f"{key}.npy"
 
-    # -- internals -----------------------------------------------------------------------------
+    def _checked(self, x: np.ndarray, sample_rate: int) -> np.ndarray:
+        x = as_float_mono(x)
+        if x.size == 0:
+            raise AudioFormatError("cannot extract features from empty audio (0 samples)")
+        out = self._compute(x, sample_rate)
+        if out.ndim != 2 or out.shape[0] < 1 or out.shape[1] != self.n_features:
+            raise RuntimeError(f"{type(self).__name__} computed shape {out.shape}, expected (>=1, {self.n_features})")
+        return np.ascontiguousarray(out, dtype=np.float32)
+
     def _cached(self, content_hash: str, compute: Any) -> np.ndarray:
         if not self.config.use_cache:
             return compute()
         path = self.cache_path(content_hash)
-        hit = _load(path, self.config.n_features)
+        hit = _load(path, self.n_features)
         if hit is not None:
             self.cache_hits += 1
             return hit
@@ -138,6 +149,30 @@ class FeatureExtractor:
         except OSError as exc:  # a read-only or full cache must not break extraction
             log.warning("could not write feature cache %s: %s", path, exc)
         return out
+
+
+class FeatureExtractor(CachedExtractor):
+    """openSMILE eGeMAPS (LLDs or functionals) on numpy signals or files."""
+
+    def __init__(self, config: FeatureExtractorConfig | None = None):
+        super().__init__()
+        self.config = config or FeatureExtractorConfig()
+        self._smile: Any = None
+
+    @property
+    def n_features(self) -> int:
+        return self.config.n_features
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self._get_smile().feature_names)
+
+    def settings(self) -> dict[str, Any]:
+        import opensmile
+
+        return {"feature_set": self.config.feature_set, "level": self.config.level,
+                "sample_rate": self.config.sample_rate, "opensmile": opensmile.__version__,
+                "min_seconds": MIN_SECONDS, "cache_version": CACHE_VERSION}
 
     def _get_smile(self) -> Any:
         if self._smile is None:
@@ -150,9 +185,6 @@ class FeatureExtractor:
         return self._smile
 
     def _compute(self, x: np.ndarray, sample_rate: int) -> np.ndarray:
-        x = _as_float_mono(x)
-        if x.size == 0:
-            raise AudioFormatError("cannot extract features from empty audio (0 samples)")
         if sample_rate != self.config.sample_rate:
             x = resample(x, sample_rate, self.config.sample_rate)
         min_len = int(round(MIN_SECONDS * self.config.sample_rate))
@@ -164,23 +196,21 @@ class FeatureExtractor:
                 warnings.simplefilter("ignore", UserWarning)  # "Segment too short": handled below
                 frame = smile.process_signal(x, self.config.sample_rate)
             self.compute_calls += 1
-        out = np.nan_to_num(frame.to_numpy(dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        if out.ndim != 2 or out.shape[0] < 1 or out.shape[1] != self.config.n_features:
-            raise RuntimeError(f"openSMILE returned shape {out.shape}, expected (>=1, {self.config.n_features})")
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return np.nan_to_num(frame.to_numpy(dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _as_float_mono(signal: np.ndarray) -> np.ndarray:
+def as_float_mono(signal: np.ndarray, what: str = "signal") -> np.ndarray:
+    """float or int16 samples, (n,) or (n, channels), as finite float32 mono; AudioFormatError naming `what` otherwise."""
     x = np.asarray(signal)
     if x.ndim not in (1, 2):
-        raise AudioFormatError(f"signal: expected shape (n,) or (n, channels), got {x.shape}")
+        raise AudioFormatError(f"{what}: expected shape (n,) or (n, channels), got {x.shape}")
     if x.dtype == np.int16:
         x = int16_to_float32(x)
     elif not np.issubdtype(x.dtype, np.floating):
-        raise AudioFormatError(f"signal: expected float or int16 samples, got dtype {x.dtype}")
+        raise AudioFormatError(f"{what}: expected float or int16 samples, got dtype {x.dtype}")
     x = to_mono(x).astype(np.float32, copy=False)
     if not np.all(np.isfinite(x)):
-        raise AudioFormatError("signal contains NaN or infinity")
+        raise AudioFormatError(f"{what} contains NaN or infinity")
     return x
 
 

@@ -48,14 +48,17 @@ def trim_silence(x: np.ndarray, win: int = RATE // 100) -> np.ndarray:
     return x[loud[0] * win:(loud[-1] + 1) * win]
 
 
-def voice(text: str, voice_name: str, workdir: Path, speed_wpm: int = SPEED_WPM) -> np.ndarray:
-    """espeak-ng to a WAV, read back as float32 16 kHz mono, silence trimmed, peak-normalised."""
+def voice(text: str, voice_name: str, workdir: Path, speed_wpm: int = SPEED_WPM, pitch: int | None = None) -> np.ndarray:
+    """espeak-ng to a WAV, read back as float32 16 kHz mono, silence trimmed, peak-normalised.
+
+    `pitch`: espeak-ng's -p (0-99, its default 50) for a higher or lower voice.
+    """
     if not have_espeak():
         raise RuntimeError("espeak-ng not found: apt-get install -y espeak-ng")
     txt, wav = workdir / "utt.txt", workdir / "utt.wav"
     txt.write_text(text, encoding="utf-8")  # -f: text starting with '-' is not taken as an option
-    subprocess.run(["espeak-ng", "-v", voice_name, "-s", str(speed_wpm), "-w", str(wav), "-f", str(txt)],
-                   check=True, capture_output=True)
+    cmd = ["espeak-ng", "-v", voice_name, "-s", str(speed_wpm)] + (["-p", str(pitch)] if pitch is not None else [])
+    subprocess.run(cmd + ["-w", str(wav), "-f", str(txt)], check=True, capture_output=True)
     samples, _ = read_audio(wav, dtype="float32", target_rate=RATE, mono=True)
     samples = trim_silence(samples)
     peak = float(np.max(np.abs(samples))) if samples.size else 0.0

@@ -41,14 +41,21 @@ class ModalityConfig:
     lstm_layers: int = 1
     frame_pooling: int = 1  # average every k frames before the LSTM (10 ms LLDs -> k x 10 ms steps)
     # where the features come from (tracker.audio.modalities): egemaps_lld (frames, 25) every 10 ms,
-    # or egemaps_functionals (1, 88) per clip
+    # egemaps_functionals (1, 88) per clip, or whisper_<model>_l<layer>_<mean|meanstd> (1, d or 2d) per clip
     source: str = "egemaps_lld"
+    # normalise this modality per speaker against the speaker's own past utterances (tracker.audio.speaker_norm)
+    speaker_norm: bool = False
 
     def __post_init__(self) -> None:
-        from tracker.audio.modalities import SOURCES
+        from tracker.audio.modalities import parse_source
 
-        if self.source not in SOURCES:
-            raise ConfigError(f"modalities.{self.name}.source: must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        try:
+            spec = parse_source(self.source)
+        except ConfigError as exc:
+            raise ConfigError(f"modalities.{self.name}.source: {exc}") from None
+        if spec.kind == "whisper" and self.feature_dim != spec.feature_dim:
+            raise ConfigError(f"modalities.{self.name}.feature_dim: source {self.source} gives {spec.feature_dim} "
+                              f"features, got {self.feature_dim}")
         if not self.name or not self.name.isidentifier():
             raise ConfigError(f"modalities.name: must be an identifier, got {self.name!r}")
         if self.feature_dim <= 0:

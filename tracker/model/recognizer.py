@@ -224,6 +224,19 @@ class EmotionRecognizer(nn.Module):
         return missing
 
     # ------------------------------------------------------------------ batching
+    def speaker_normalizers(self) -> dict:
+        """{modality: SpeakerNormalizer} for the modalities built with ``speaker_norm``; the global
+        statistics are the adapter's per-feature training mean and std (saved with the weights)."""
+        from tracker.audio.speaker_norm import SpeakerNormalizer
+
+        out = {}
+        for m in self.config.adapter.modalities:
+            if m.speaker_norm:
+                mean = getattr(self.adapter, f"norm_mean_{m.name}").detach().float().cpu().numpy()
+                std = getattr(self.adapter, f"norm_std_{m.name}").detach().float().cpu().numpy()
+                out[m.name] = SpeakerNormalizer(mean, std)
+        return out
+
     def encode(self, item: UtteranceInput) -> EncodedPrompt:
         return self.prompt.encode(item.text, item.speaker, item.context)
 

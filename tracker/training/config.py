@@ -5,8 +5,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tracker.audio.channel import ChannelConfig
 from tracker.config import ConfigError, load_yaml
 from tracker.model.recognizer import RecognizerConfig
+
+
+@dataclass
+class ChannelAugment(ChannelConfig):
+    """Telephone-channel simulation of a data source's audio (tracker.audio.channel), seeded.
+
+    In training, each epoch uses variant ``epoch % variants``; in a variant each clip (and each
+    repeated copy of it) goes through the channel with probability ``probability``, with draws that
+    depend only on (seed, variant, clip, copy), so runs and resumed runs see the same audio and at
+    most ``variants`` augmented copies of a clip are ever computed (features are cached on disk).
+    For a dev source the channel is applied to every clip once with ``seed``: a telephone-band copy.
+    """
+
+    probability: float = 1.0
+    seed: int = 0
+    variants: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.probability <= 1.0:
+            raise ConfigError(f"channel.probability: must lie in (0, 1], got {self.probability!r}")
+        if self.variants < 1:
+            raise ConfigError(f"channel.variants: must be >= 1, got {self.variants!r}")
 
 
 @dataclass
@@ -18,6 +42,12 @@ class DataSource:
     repeat: int = 1  # oversampling factor in training
     limit: int = 0  # keep only the first N conversations (0 = all); for quick runs and tests
     audio: bool = True  # use the audio when the dataset has it
+    channel: ChannelAugment | None = None  # telephone-channel simulation of the audio (None = as recorded)
+
+    @property
+    def name(self) -> str:
+        """The source's name in reports: its spec, marked when the audio goes through the telephone channel."""
+        return f"{self.spec}+telephone" if self.channel is not None else self.spec
 
     def __post_init__(self) -> None:
         if self.repeat < 1:

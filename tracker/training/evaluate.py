@@ -27,4 +27,5 @@ def spec_examples(recognizer: EmotionRecognizer, spec: str, read_as: str = "", l
     cfg = recognizer.config
     return load_examples(spec, recognizer.label_set, cfg.prompt.context_turns,
                          read_as or labels_read_as(spec, recognizer.label_set.name), limit,
-                         modalities=cfg.adapter.modalities, context_min_turns=cfg.prompt.context_min_turns)
+                         modalities=cfg.adapter.modalities, context_min_turns=cfg.prompt.context_min_turns,
+                         speaker_norm=recognizer.speaker_normalizers())

@@ -15,6 +15,7 @@ batch order is a pure function of (seed, epoch), so the remaining batches are th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -40,7 +41,8 @@ from tracker.training.evaluate import evaluate
 from tracker.model.adapter import collate_modalities
 from tracker.training.distributed import average_gradients, broadcast_flag, broadcast_parameters, shard
 from tracker.training.distributed import world as dist_world
-from tracker.training.examples import Example, class_weights, feature_statistics, load_examples
+from tracker.training.examples import (Example, class_weights, clip_features, feature_statistics, load_examples,
+                                       speaker_normalize)
 from tracker.training.losses import AnswerLoss
 
 log = logging.getLogger(__name__)
@@ -95,27 +97,75 @@ class Trainer:
     def prepare(self) -> None:
         rec, cfg = self.recognizer, self.config
         k = rec.config.prompt.context_turns
+        mods = rec.config.adapter.modalities
+        self._augment: dict[int, Any] = {}  # train example index -> its source's ChannelAugment
         for src in cfg.train:
-            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, rec.config.adapter.modalities,
+            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, mods,
                                 context_min_turns=rec.config.prompt.context_min_turns)
-            self.train_examples += exs * src.repeat
-            log.info("train %s: %d examples (x%d)", src.spec, len(exs), src.repeat)
+            start = len(self.train_examples)
+            # each repeated copy is its own Example: augmentation and speaker normalisation differ per copy
+            self.train_examples += [dataclasses.replace(ex, item=dataclasses.replace(ex.item), copy=r,
+                                                        speaker_key=f"{ex.speaker_key}#{r}")
+                                    for r in range(src.repeat) for ex in exs]
+            if src.channel is not None:
+                self._augment.update({start + j: src.channel for j in range(len(exs) * src.repeat)
+                                      if self.train_examples[start + j].audio is not None})
+            log.info("train %s: %d examples (x%d)%s", src.spec, len(exs), src.repeat,
+                     ", telephone channel simulated" if src.channel is not None else "")
+        self._normalizers: dict[str, Any] = {}
         for src in cfg.dev:
-            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, rec.config.adapter.modalities,
-                                context_min_turns=rec.config.prompt.context_min_turns)
-            self.dev_sets[src.spec] = exs[: cfg.dev_limit] if cfg.dev_limit else exs
+            exs = load_examples(src.spec, rec.label_set, k, src.label_set, src.limit, src.audio, mods,
+                                context_min_turns=rec.config.prompt.context_min_turns, channel=src.channel)
+            self.dev_sets[src.name] = exs[: cfg.dev_limit] if cfg.dev_limit else exs
         if not self.train_examples:
             raise ValueError("no labelled training examples")
         aux = rec.config.adapter.aux_classes
         if aux and aux != len(rec.label_set):
             raise ValueError(f"model.adapter.aux_classes is {aux}, but the label set {rec.label_set.name} has "
                              f"{len(rec.label_set)} labels; the auxiliary classifiers predict the same labels")
+        self._raw = [dict(ex.item.features) for ex in self.train_examples]  # as recorded, before normalisation
+        self._features = None
+        self._features_epoch: int | None = None
         self._refit_feature_normalisation()
+        self._normalizers = rec.speaker_normalizers()  # global statistics = the training data's, just fitted
+        for exs in self.dev_sets.values():
+            speaker_normalize(exs, self._normalizers, cfg.seed)
+        self.set_epoch_features(0)
         self.encoded = [rec.encode(ex.item) for ex in self.train_examples]
         labels = [ex.label for ex in self.train_examples]
         self.loss_weights = torch.tensor(class_weights(labels, len(rec.label_set), cfg.class_weighting), dtype=torch.float32)
         self.answer_loss = AnswerLoss(cfg.loss, len(rec.label_set), labels, self.loss_weights,
                                       focal_gamma=cfg.focal_gamma, logit_adjust_tau=cfg.logit_adjust_tau)
+
+    def set_epoch_features(self, epoch: int) -> None:
+        """The training features of `epoch`: telephone-channel variants where configured, then speaker normalisation.
+
+        A pure function of (config, epoch): a resumed run sees the same features. Without
+        augmentation or speaker normalisation the recorded features stay as they are.
+        """
+        if (not self._augment and not self._normalizers) or self._features_epoch == epoch:
+            return
+        from tracker.audio.channel import channel_rng
+
+        if self._augment and self._features is None:
+            from tracker.audio.modalities import ModalityFeatures
+
+            self._features = ModalityFeatures(self.recognizer.config.adapter.modalities)
+        n_aug = 0
+        for i, ex in progress_bar(list(enumerate(self.train_examples)), desc=f"epoch {epoch} features", leave=False,
+                          disable=not (self.progress and self._augment)):
+            feats = self._raw[i]
+            ch = self._augment.get(i)
+            if ch is not None:
+                variant = epoch % ch.variants
+                if channel_rng(ch.seed, "apply", variant, ex.utterance_id, ex.copy).random() < ch.probability:
+                    feats = clip_features(self._features, ex.audio, ch, ch.seed, (variant, ex.utterance_id, ex.copy))
+                    n_aug += 1
+            ex.item.features = dict(feats)
+        speaker_normalize(self.train_examples, self._normalizers, self.config.seed)
+        self._features_epoch = epoch
+        if self._augment:
+            log.info("epoch %d: %d of %d training examples through the telephone channel", epoch, n_aug, len(self.train_examples))
 
     # ------------------------------------------------------------------ helpers
     def _steps_per_epoch(self) -> int:
@@ -123,8 +173,9 @@ class Trainer:
         return len(shard(list(range(math.ceil(len(self.train_examples) / self.config.batch_size))), rank, size))
 
     def _refit_feature_normalisation(self) -> None:
+        """Per-feature mean and std of each modality over the recorded training features (saved with the weights)."""
         for m in self.recognizer.config.adapter.modalities:
-            stats = feature_statistics(self.train_examples, m.name)
+            stats = feature_statistics(self._raw, m.name)
             if stats is not None:
                 self.recognizer.adapter.set_feature_normalisation(m.name, torch.tensor(stats[0]), torch.tensor(stats[1]))
 
@@ -156,6 +207,7 @@ class Trainer:
         adapter.train()
         loss_sum, n = 0.0, 0
         for epoch in range(cfg.encoder_warmup_epochs):
+            self.set_epoch_features(epoch)
             order = [idx[int(j)] for j in torch.randperm(len(idx), generator=gen)]
             loss_sum, n = 0.0, 0
             for start in range(0, len(order), bs):
@@ -247,6 +299,7 @@ class Trainer:
         plain_every = 50 if self.progress and bar.disable else 0  # not a terminal: a plain line now and then
         rec.train()
         while s["global_step"] < total and not s["stopped_early"]:
+            self.set_epoch_features(s["epoch"])
             batches = shard(length_grouped_batches(lengths, cfg.batch_size, cfg.seed, s["epoch"]), rank, size)
             while s["step_in_epoch"] < len(batches) and s["global_step"] < total:
                 idx = batches[s["step_in_epoch"]]
