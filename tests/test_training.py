@@ -212,3 +212,24 @@ def test_the_configured_answer_loss_is_the_one_trained_on(tmp_path, tiny_backbon
     # same weights, same first batch: focal (gamma 2) is smaller than CE, logit adjustment differs from it
     assert first["focal"] < first["ce"]
     assert abs(first["logit_adjusted"] - first["ce"]) > 1e-4
+
+
+def test_selection_averages_only_the_named_dev_sets(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import tracker.training.trainer as trainer_mod
+
+    dev = [{"spec": "meld:dev"}, {"spec": "ravdess:dev", "label_set": "meld7"},
+           {"spec": "ravdess:dev", "label_set": "meld7", "channel": {"seed": 1}}]
+    with pytest.raises(ConfigError, match="select_sets"):
+        tiny_config(tmp_path, dev=dev, select_on="mean", select_sets=["ravdess:test"])
+    cfg = tiny_config(tmp_path, dev=dev, select_on="mean", select_sets=["meld:dev", "ravdess:dev"])
+    trainer = Trainer.__new__(Trainer)
+    trainer.config = cfg
+    trainer.recognizer = None
+    trainer.dev_sets = {"meld:dev": 0.6, "ravdess:dev": 0.4, "ravdess:dev+telephone": 0.0}
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda rec, wf1, batch_size: (SimpleNamespace(weighted_f1=wf1), None))
+    score, reports = trainer._evaluate_selection()
+    assert score == pytest.approx(0.5) and len(reports) == 3  # the telephone copy is reported, not selected on
+    trainer.config = tiny_config(tmp_path, dev=dev, select_on="mean")
+    assert trainer._evaluate_selection()[0] == pytest.approx(1.0 / 3)

@@ -85,6 +85,9 @@ class TrainConfig:
     # which dev figure picks the best checkpoint and drives early stopping: the first dev set's
     # weighted F1 ("first"), or the mean weighted F1 over all dev sets ("mean")
     select_on: Literal["first", "mean"] = "first"
+    # with select_on: mean, the dev sets (by report name, e.g. ravdess:dev+telephone) whose weighted F1
+    # is averaged; empty = all of them. A dev set left out is still evaluated and reported.
+    select_sets: list[str] = field(default_factory=list)
     epochs: float = 3.0
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit)
     batch_size: int = 8
@@ -132,6 +135,9 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio: must lie in [0, 1), got {self.warmup_ratio}")
         if self.select_on not in ("first", "mean"):
             raise ConfigError(f"select_on: must be first or mean, got {self.select_on!r}")
+        unknown = sorted(set(self.select_sets) - {d.name for d in self.dev})
+        if unknown:
+            raise ConfigError(f"select_sets: {unknown} are not dev sets (dev: {[d.name for d in self.dev]})")
         if self.class_weighting not in ("none", "inverse_sqrt", "inverse"):
             raise ConfigError(f"class_weighting: must be none, inverse_sqrt or inverse, got {self.class_weighting!r}")
         if self.loss not in ("ce", "focal", "logit_adjusted"):

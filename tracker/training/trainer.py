@@ -242,7 +242,8 @@ class Trainer:
         if not reports:
             return 0.0, reports
         if self.config.select_on == "mean":
-            return sum(r.weighted_f1 for r in reports.values()) / len(reports), reports
+            chosen = [r for name, r in reports.items() if not self.config.select_sets or name in self.config.select_sets]
+            return sum(r.weighted_f1 for r in chosen) / len(chosen), reports
         return next(iter(reports.values())).weighted_f1, reports
 
     def _save_last(self, optimizer, scalars: dict[str, Any]) -> None:
