@@ -13,7 +13,7 @@ from tracker.audio.vad import VadConfig
 from tracker.config import ConfigError, load_dataclass
 from tracker.context.store import StoreConfig
 from services.auth import AuthConfig
-from services.session import SessionLimits
+from tracker.stream.session import SessionLimits
 
 
 @dataclass

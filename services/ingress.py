@@ -22,11 +22,11 @@ from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from services import protocol as P
+from tracker.stream import protocol as P
 from services.auth import ANONYMOUS, SUBPROTOCOL, AsyncKeyStore, AuthError, Principal, key_from_request
 from services.config import load_app_config
 from services.limits import TokenBucket, is_replica_failure
-from services.session import StreamSession
+from tracker.stream.session import StreamSession
 from tracker.context.export import FORMATS as EXPORT_FORMATS
 from tracker.context.export import export_conversation
 
@@ -111,7 +111,7 @@ class ServePipeline:
             record["refine"] = True  # an interim label awaiting refinement: counts as context (tracker.context.ops)
         return await self.context.record.remote(conversation_id, record, tenant=t)
 
-    # -- conversation-level refinement (used by services.refinement.RefineStage)
+    # -- conversation-level refinement (used by tracker.stream.refine.RefineStage)
     async def judge_windows(self, windows: list[list[dict[str, Any]]]) -> list[list[list[float]]]:
         return await self.refiner.judge.remote(windows)
 

@@ -13,17 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from tracker.ray_env import RAY_ENV
+
 log = logging.getLogger(__name__)
 
 LOCAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "local.yaml"
-RAY_ENV = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps every listener on loopback
-    # a 2-core machine that is also training or testing answers health checks slowly; don't kill the proxy for it
-    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
-}
 
 
 @dataclass

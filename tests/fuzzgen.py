@@ -14,7 +14,7 @@ import random
 import string
 from typing import Any, Callable
 
-from services import protocol as P
+from tracker.stream import protocol as P
 
 Msg = str | bytes
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import redis
 
-from services import protocol as P
+from tracker.stream import protocol as P
 from services.auth import (
     AuthError,
     ConfigKey,
@@ -97,7 +97,7 @@ def test_key_is_read_from_header_x_api_key_subprotocol_or_query():
 
 
 def test_tracker_keys_create_list_revoke(redis_url, capsys):
-    from tracker.cli import main
+    from tracker_cli import main
 
     assert main(["keys", "create", "--tenant", "cli-tenant", "--name", "ops", "--redis-url", redis_url, "--prefix", "t4"]) == 0
     key = capsys.readouterr().out.strip()

@@ -91,7 +91,7 @@ def test_calibrate_and_eval_commands_write_the_temperature_ece_and_plots(tiny_ba
                          "text": f"utterance {u} of call {c}, it was {labels[(c + u) % 4]}", "label": labels[(c * 3 + u) % 4]})
     data = tmp_path / "dev.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run([sys.executable, "-m", "tracker.cli", "calibrate", "--checkpoint", str(ckpt), "--data", str(data),
+    out = subprocess.run([sys.executable, "-m", "tracker_cli", "calibrate", "--checkpoint", str(ckpt), "--data", str(data),
                           "--plot", str(tmp_path / "rel.png"), "--json", str(tmp_path / "fit.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -100,7 +100,7 @@ def test_calibrate_and_eval_commands_write_the_temperature_ece_and_plots(tiny_ba
     assert stored == pytest.approx(fit["temperature"]) and stored != 1.0
     assert fit["nll_after"] <= fit["nll_before"]
     assert (tmp_path / "rel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    out = subprocess.run([sys.executable, "-m", "tracker.cli", "eval", "--checkpoint", str(ckpt), "--data", str(data),
+    out = subprocess.run([sys.executable, "-m", "tracker_cli", "eval", "--checkpoint", str(ckpt), "--data", str(data),
                           "--plots", str(tmp_path / "plots"), "--json", str(tmp_path / "eval.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

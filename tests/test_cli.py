@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import REPO, free_port
-from tracker.cli import build_parser, main
+from tracker_cli import build_parser, main
 
 
 def walk(parser: argparse.ArgumentParser, path: str = "tracker"):
@@ -134,7 +134,7 @@ def test_data_check_lists_what_is_there_and_where_to_get_the_rest(tmp_path, caps
 
 
 def test_data_check_on_the_shared_data_is_all_present(data_dir):
-    out = subprocess.run([sys.executable, "-m", "tracker.cli", "data", "check", "--root", str(data_dir)],
+    out = subprocess.run([sys.executable, "-m", "tracker_cli", "data", "check", "--root", str(data_dir)],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "MISSING" not in out.stdout and "audio clips: 1,200 present" in out.stdout

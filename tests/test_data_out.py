@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from services import protocol as P
+from tracker.stream import protocol as P
 from services.auth import KeyStore
 from tests.conftest import start_tiny_service
 from tests.test_security import bearer, converse

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.service, pytest.mark.timeout(900)]
 
 
 class ServeProcess:
-    """`python -m tracker.cli serve` with its own cache directory, on a free port."""
+    """`python -m tracker_cli serve` with its own cache directory, on a free port."""
 
     def __init__(self, config: Path, cache: Path, port: int, *extra: str, ignore_sigint: bool = False):
         self.cache, self.port = cache, port
@@ -35,7 +35,7 @@ class ServeProcess:
         env = {**os.environ, "TRACKER_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
         env.pop("REDIS_URL", None)
         self.log = cache / f"serve-{uuid.uuid4().hex[:6]}.log"
-        cmd = [sys.executable, "-m", "tracker.cli", "serve", "--config", str(config), "--port", str(port), *extra]
+        cmd = [sys.executable, "-m", "tracker_cli", "serve", "--config", str(config), "--port", str(port), *extra]
         # a shell script's background job starts with SIGINT ignored; so can we
         preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self.log.open("wb"),

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.service
 def local_ray():
     import os
 
-    from services.runner import RAY_ENV
+    from tracker.ray_env import RAY_ENV
 
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
@@ -33,7 +33,7 @@ def local_ray():
 
 
 def test_ray_train_with_one_cpu_worker_matches_the_in_process_run(tmp_path, tiny_backbone, data_dir, local_ray):
-    from services.ray_train import train_with_ray
+    from tracker.training.ray_train import train_with_ray
 
     over = {"epochs": 2, "train": [{"spec": "meld:train", "limit": 4}], "dev": [{"spec": "meld:dev", "limit": 2}]}
     ray_cfg = tiny_config(tmp_path, name="via-ray", **over)

@@ -61,7 +61,7 @@ def test_shipped_refiner_refines_a_meld_dev_dialogue_with_one_forward_per_window
     from tracker.model.default import default_checkpoint
     from tracker.model.recognizer import EmotionRecognizer
     from tracker.model.refine import Refiner, refine_conversation
-    from services.refinement import SHIPPED_REFINER
+    from tracker.stream.refine import SHIPPED_REFINER
 
     rec = EmotionRecognizer.from_pretrained(default_checkpoint(), backbone=gemma)
     ref = Refiner.from_pretrained(SHIPPED_REFINER, backbone=gemma)

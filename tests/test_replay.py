@@ -7,7 +7,7 @@ import json
 import pytest
 
 from clients.replay import replay_in_process, replay_through_service, report_for
-from tracker.cli import main
+from tracker_cli import main
 from tracker.data import load_dataset
 from tracker.model.recognizer import EmotionRecognizer
 

@@ -17,9 +17,9 @@ import pytest
 import redis
 import websockets
 
-from services import protocol as P
+from tracker.stream import protocol as P
 from services.auth import KeyStore, generate_key
-from services.session import SessionLimits
+from tracker.stream.session import SessionLimits
 from tests.conftest import start_test_service, save_tiny_checkpoint
 from tests.fuzzgen import fatal_case, hostile_text
 

@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig.from_yaml(args.config)
     if args.ray:
-        from services.ray_train import train_with_ray
+        from tracker.training.ray_train import train_with_ray
 
         result = train_with_ray(config, run_dir=args.run_dir, resume=not args.no_resume)
     else:

@@ -41,7 +41,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 def train_with_ray(config: TrainConfig, run_dir: str | Path | None = None, resume: bool = True,
                    progress: bool = True, address: str | None = None) -> dict[str, Any]:
     """Run the training job on Ray (a local one if none is running); returns rank 0's final metrics."""
-    from services.runner import RAY_ENV
+    from tracker.ray_env import RAY_ENV
 
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)

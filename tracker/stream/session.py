@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
-from services import protocol as P
+from tracker.stream import protocol as P
 from tracker.audio.pcm import split_channels
 from tracker.audio.vad import Segment, StreamingSegmenter, VadConfig
 
@@ -123,7 +123,7 @@ class StreamSession:
         self._delivered: set[str] = set()  # utterance ids whose final result the client has
         self.results_sent = 0
         self.fatal: P.ProtocolError | None = None
-        self._refine = None  # a services.refinement.RefineStage when the pipeline refines (interim, then final)
+        self._refine = None  # a tracker.stream.refine.RefineStage when the pipeline refines (interim, then final)
 
     # ------------------------------------------------------------------ client messages
     async def on_text(self, raw: str | bytes) -> None:
@@ -186,7 +186,7 @@ class StreamSession:
         self._segmenters = [StreamingSegmenter(self.vad_config, start.sample_rate) for _ in range(start.channels)]
         self._channel_offset = [float(offset)] * start.channels
         if getattr(self.pipeline, "refine_info", None):
-            from services.refinement import RefineStage
+            from tracker.stream.refine import RefineStage
 
             self._refine = RefineStage(self.pipeline, start.conversation_id, self.pipeline.refine_info, self._send_final)
             if start.resume:

@@ -1,0 +1,3 @@
+from tracker_cli.main import main
+
+raise SystemExit(main())
