@@ -116,3 +116,33 @@ def test_train_config_runs_channel_augmentation_and_speaker_normalisation(rand_m
     assert not np.array_equal(tel[1].item.features["whisper"], rec_dev[1].item.features["whisper"])
     result = Trainer(cfg, recognizer=EmotionRecognizer(tiny_backbone, cfg.model), progress=False).fit()
     assert set(result["dev"]) == {str(data), f"{data}+telephone"}
+
+
+def test_eval_spec_with_telephone_suffix_is_the_training_dev_copy(rand_model, tiny_backbone, tmp_path):  # noqa: F811
+    """`tracker eval --data X+telephone` reads the same telephone-band copy the training run reports."""
+    from tracker.config import load_dataclass
+    from tracker.model.recognizer import EmotionRecognizer
+    from tracker.training.config import TELEPHONE_DEV_SEED, TrainConfig
+    from tracker.training.evaluate import spec_examples
+    from tracker.training.trainer import Trainer
+
+    rows = [{"conversation_id": f"c{i}", "utterance_id": f"c{i}-0", "speaker": "A", "text": "hello there",
+             "label": "neutral", "audio": {"path": str(clip_file(tmp_path / f"c{i}.wav", 1.0 + 0.2 * i, seed=i))}}
+            for i in range(3)]
+    data = tmp_path / "clips.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_dataclass(TrainConfig, {
+        "name": "tel", "output_dir": str(tmp_path / "runs"), "autocast_bf16": False,
+        "model": {"backbone": "tiny", "dtype": "fp32", "adapter": {"d_model": 16, "n_pseudo_tokens": 2,
+                  "modalities": [MODALITIES[1]]}},
+        "train": [{"spec": str(data)}], "dev": [{"spec": str(data), "channel": {"seed": TELEPHONE_DEV_SEED}}]})
+    rec = EmotionRecognizer(tiny_backbone, cfg.model)
+    trainer = Trainer(cfg, recognizer=rec, progress=False)
+    trainer.prepare()
+    trained = trainer.dev_sets[f"{data}+telephone"]
+    tel = spec_examples(rec, f"{data}+telephone")
+    plain = spec_examples(rec, str(data))
+    assert [ex.utterance_id for ex in tel] == [ex.utterance_id for ex in trained] == ["c0-0", "c1-0", "c2-0"]
+    for a, b, c in zip(tel, trained, plain):
+        np.testing.assert_array_equal(a.item.features["whisper"], b.item.features["whisper"])
+        assert not np.array_equal(a.item.features["whisper"], c.item.features["whisper"])

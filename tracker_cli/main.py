@@ -99,7 +99,7 @@ command("train", "train the adapter on a frozen LLM")(cmd_train)
 
 def _configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="an adapter checkpoint directory (default: the shipped model)")
-    p.add_argument("--data", action="append", required=True, help="meld:dev, emorynlp:dev, ravdess:dev or a .jsonl file; repeatable")
+    p.add_argument("--data", action="append", required=True, help="meld:dev, emorynlp:dev, ravdess:dev or a .jsonl file; add +telephone for the telephone-band copy of the audio (ravdess:dev+telephone); repeatable")
     p.add_argument("--read-as", default="", help="read the data's labels as this label set (ravdess -> meld7)")
     p.add_argument("--batch-size", type=int, default=8, help="utterances per forward pass")
     p.add_argument("--json", default=None, help="write the JSON report here")

@@ -10,6 +10,9 @@ from tracker.config import ConfigError, load_yaml
 from tracker.model.recognizer import RecognizerConfig
 
 
+TELEPHONE_DEV_SEED = 20261204  # the seed of the telephone-band dev copies (`<spec>+telephone` in tracker eval)
+
+
 @dataclass
 class ChannelAugment(ChannelConfig):
     """Telephone-channel simulation of a data source's audio (tracker.audio.channel), seeded.

@@ -20,12 +20,23 @@ def evaluate(recognizer: EmotionRecognizer, examples: list[Example], batch_size:
     return classification_report(gold, probs.argmax(1), recognizer.label_set.labels), probs
 
 
-def spec_examples(recognizer: EmotionRecognizer, spec: str, read_as: str = "", limit: int = 0) -> list[Example]:
-    """The labelled examples of a data spec (meld:dev, ravdess:dev, a .jsonl ...) as this recognizer reads them."""
-    from tracker.data import labels_read_as
+TELEPHONE = "+telephone"
 
+
+def spec_examples(recognizer: EmotionRecognizer, spec: str, read_as: str = "", limit: int = 0) -> list[Example]:
+    """The labelled examples of a data spec (meld:dev, ravdess:dev, a .jsonl ...) as this recognizer reads them.
+
+    A spec ending in ``+telephone`` (``ravdess:dev+telephone``) is the telephone-band copy of its audio:
+    every clip through the telephone channel once, seeded with TELEPHONE_DEV_SEED, as training reports it.
+    """
+    from tracker.data import labels_read_as
+    from tracker.training.config import TELEPHONE_DEV_SEED, ChannelAugment
+
+    channel = None
+    if spec.endswith(TELEPHONE):
+        spec, channel = spec[: -len(TELEPHONE)], ChannelAugment(seed=TELEPHONE_DEV_SEED)
     cfg = recognizer.config
     return load_examples(spec, recognizer.label_set, cfg.prompt.context_turns,
                          read_as or labels_read_as(spec, recognizer.label_set.name), limit,
                          modalities=cfg.adapter.modalities, context_min_turns=cfg.prompt.context_min_turns,
-                         speaker_norm=recognizer.speaker_normalizers())
+                         channel=channel, speaker_norm=recognizer.speaker_normalizers())

@@ -1,0 +1,48 @@
+"""scripts/ship_model.py's model card: every dev set, the telephone band, calibration and the run's history."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from tracker.config import load_dataclass
+from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("ship_model", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _report(acc: float, labels: list[str]) -> dict:
+    return {"n": 10, "accuracy": acc, "weighted_f1": acc - 0.01, "macro_f1": acc - 0.1, "ece": 0.031,
+            "per_class": {lab: {"precision": 0.5, "recall": 0.4, "f1": 0.444, "support": 2} for lab in labels}}
+
+
+def test_model_card_reports_telephone_band_calibration_loss_and_selected_step(tiny_backbone):
+    ship = _load()
+    cfg = load_dataclass(RecognizerConfig, {
+        "label_set": "meld7", "temperature": 1.7, "dtype": "fp32",
+        "adapter": {"d_model": 16, "n_pseudo_tokens": 2,
+                    "modalities": [{"name": "whisper_tiny", "feature_dim": 768, "source": "whisper_tiny.en_l2_meanstd",
+                                    "speaker_norm": True}]}})
+    rec = EmotionRecognizer(tiny_backbone, cfg)
+    labels = list(rec.label_set.labels)
+    reports = {"meld:dev": _report(0.62, labels), "ravdess:dev": _report(0.71, labels),
+               "ravdess:dev+telephone": _report(0.63, labels)}
+    history = [{"step": 500, "epoch": 0.3, "meld:dev/weighted_f1": 0.5, "ravdess:dev/weighted_f1": 0.6, "ravdess:dev/accuracy": 0.61},
+               {"step": 1000, "epoch": 0.6, "meld:dev/weighted_f1": 0.61, "ravdess:dev/weighted_f1": 0.7, "ravdess:dev/accuracy": 0.71}]
+    run = {"loss": "focal", "focal_gamma": 2.0, "select_on": "mean", "select_sets": ["meld:dev", "ravdess:dev"],
+           "train": [{"spec": "meld:train"}, {"spec": "ravdess:train", "repeat": 4, "channel": {"probability": 0.5, "codec": "random"}}]}
+    calib = {"nll_before": 1.2, "nll_after": 1.1, "data": {"meld:dev": {"ece_before": 0.09, "ece_after": 0.03}}}
+    card = ship.model_card(rec, reports, history, 1000, "abc123", run, calib)
+    assert "| RAVDESS dev, telephone band (8 kHz, 300-3400 Hz, companded) | 10 | 63.00 | 62.00 | 53.00 | 3.10 |" in card
+    assert "temperature 1.700" in card and "| meld:dev | 9.00 | 3.00 |" in card
+    assert "focal loss (gamma 2.0)" in card and "50% of the RAVDESS clips" in card
+    assert "speaker-normalised" in card and "OpenAI Whisper weights (acoustic features): MIT" in card
+    assert "after 1000 optimiser steps" in card
+    assert "| 1000 | 0.60 | 61.00 | 70.00 | 71.00 |" in card
