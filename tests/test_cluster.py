@@ -10,8 +10,9 @@ tree: a machine that vanishes, not a drain). The calls must end with every utter
 exactly once, on the wire and in Redis; a replacement node then joins, Serve puts the lost
 replica back on it, and another call goes through the restored cluster.
 
-The ingress is pinned to the head (custom resource `head`) so the connections' replica outlives the
-lost node; the client still reconnects and resumes if a connection drops.
+The ingress has a replica on each node too (a test-only custom resource, one unit per node), so the
+calls whose WebSocket went to node2's ingress replica lose their connection: the client reconnects
+with `resume` as docs/protocol.md describes, and the head's replica takes the call over.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def cluster_env(redis_url: str) -> dict[str, str]:
     # the GCS notices a vanished node after 3 missed health checks 1 s apart (default: 5 x 3 s)
     env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
                RAY_health_check_timeout_ms="1000")
+    # the one proxy (both "machines" share one HTTP port) sends connections to either node's ingress
+    # replica, as a load balancer in front of a proxy per node would; by default it prefers its own node's
+    env["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
     return env
 
 
@@ -139,6 +143,11 @@ class RayNode:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def log_text(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
     def kill(self, graceful_s: float = 0.0) -> None:
         """SIGKILL the node's whole process tree (after a SIGTERM and `graceful_s` if > 0)."""
         if graceful_s > 0 and self.alive():
@@ -160,6 +169,7 @@ class Cluster:
     def __init__(self, work: Path):
         self.work = work
         self.nodes: list[RayNode] = []
+        self.head: RayNode | None = None
         self.node2: RayNode | None = None
         self.redis: subprocess.Popen | None = None
         self.gcs_port = free_port()
@@ -194,27 +204,39 @@ class Cluster:
                     raise
                 time.sleep(0.2)
 
+    def _start_node(self, name: str, args: list[str], joined, attempts: int = 3, timeout: float = 180) -> RayNode:
+        """`ray start` until it is up and `joined()` holds; on a loaded machine Ray gives a node only 30 s
+        to register with the GCS, so a node that times out is killed and started again."""
+        for attempt in range(1, attempts + 1):
+            node = RayNode(f"{name}-{attempt}", args(), cluster_env(self.redis_url), self.work)
+            self.nodes.append(node)
+            up = wait_until(lambda: "Ray runtime started" in node.log_text() and joined(), timeout, node)
+            if up:
+                return node
+            print(f"ray start of {name}, attempt {attempt}: not up; log tail:\n{node.log_text()[-1500:]}")
+            node.kill()
+        pytest.fail(f"`ray start` of {name} did not come up in {attempts} attempts (logs in {self.work})")
+
     def start_head(self) -> RayNode:
-        node = RayNode("head", ["--head", "--port", str(self.gcs_port), "--num-cpus", "4",
-                                "--resources", json.dumps({"head": 1, "tracker_model": 1}),
-                                "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                                "--dashboard-port", str(self.dashboard_port),
-                                "--ray-client-server-port", str(free_port())],
-                       cluster_env(self.redis_url), self.work)
-        self.nodes.append(node)
-        wait_for(lambda: _http_ok(f"{self.dashboard}/api/version"), 180, "the head node's dashboard", node)
-        return node
+        def args() -> list[str]:
+            self.gcs_port, self.dashboard_port = free_port(), free_port()  # fresh ones on every attempt
+            return ["--head", "--port", str(self.gcs_port), "--num-cpus", "4",
+                    "--resources", json.dumps({"head": 1, "tracker_model": 1, "ingress_slot": 1}),
+                    "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                    "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port())]
+
+        return self._start_node("head", args, lambda: _http_ok(f"{self.dashboard}/api/version") and self.alive_nodes())
 
     def start_worker(self, name: str) -> RayNode:
         before = {n["node_id"] for n in self.alive_nodes()}
-        node = RayNode(name, ["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", "4",
-                              "--resources", json.dumps({"node2": 1, "tracker_model": 1})],
-                       cluster_env(self.redis_url), self.work)
-        self.nodes.append(node)
-        wait_for(lambda: any(n["node_id"] not in before and n["resources_total"].get("node2")
-                             for n in self.alive_nodes()), 180, f"node {name} to join", node)
-        node.node_id = next(n["node_id"] for n in self.alive_nodes()
-                            if n["node_id"] not in before and n["resources_total"].get("node2"))
+
+        def new() -> list[str]:
+            return [n["node_id"] for n in self.alive_nodes() if n["node_id"] not in before and n["resources_total"].get("node2")]
+
+        node = self._start_node(name, lambda: ["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", "4", "--resources",
+                                               json.dumps({"node2": 1, "tracker_model": 1, "ingress_slot": 1})],
+                                lambda: len(new()) == 1)
+        node.node_id = new()[0]
         return node
 
     def alive_nodes(self) -> list[dict[str, Any]]:
@@ -260,11 +282,21 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def wait_until(cond, timeout: float, node: RayNode, every: float = 1.0) -> bool:
+    """True once `cond()` holds; False if the node's `ray start` exits or `timeout` passes first."""
+    deadline = time.time() + timeout
+    while not cond():
+        if not node.alive() or time.time() > deadline:
+            return False
+        time.sleep(every)
+    return node.alive()
+
+
 def wait_for(cond, timeout: float, what: str, node: RayNode | None = None, every: float = 1.0) -> None:
     deadline = time.time() + timeout
     while not cond():
         if node is not None and not node.alive():
-            log = Path(node.log.name).read_text(errors="replace")[-3000:]
+            log = node.log_text()[-3000:]
             pytest.fail(f"waiting for {what}: `ray start` of {node.name} exited ({node.proc.returncode}):\n{log}")
         if time.time() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
@@ -276,7 +308,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     try:
         c.start_redis()
-        c.start_head()
+        c.head = c.start_head()
         c.node2 = c.start_worker("node2")
         yield c
     finally:
@@ -291,7 +323,8 @@ def deploy_yaml(cluster: Cluster, checkpoint: Path) -> Path:
     args = raw["applications"][0]["args"]
     args["model"].update(checkpoint=str(checkpoint), dtype="fp32", max_batch_size=4, num_threads=1)
     d = args["deployments"]
-    d["ingress"] = {"num_replicas": 1, "num_cpus": 0.1, "resources": {"head": 0.01}}
+    # one ingress replica per node (each node has one `ingress_slot`): the calls on node2's lose their connection
+    d["ingress"] = {"num_replicas": 2, "num_cpus": 0.1, "resources": {"ingress_slot": 1}}
     d["feature_extractor"] = {"num_replicas": 1, "num_cpus": 0.1}
     d["context_aggregator"] = {"num_replicas": 1, "num_cpus": 0.1}
     d["emotion_model"].update(num_replicas=2, num_cpus=0.5, max_ongoing_requests=16)  # resources kept: one per node
@@ -305,8 +338,8 @@ def replicas(details: dict[str, Any], deployment: str) -> list[dict[str, Any]]:
     return list(((app.get("deployments") or {}).get(deployment) or {}).get("replicas") or [])
 
 
-def running_model_nodes(cluster: Cluster) -> list[str]:
-    return sorted(r["node_id"] for r in replicas(cluster.serve_details(), "EmotionModel") if r["state"] == "RUNNING")
+def running_nodes(cluster: Cluster, deployment: str = "EmotionModel") -> list[str]:
+    return sorted(r["node_id"] for r in replicas(cluster.serve_details(), deployment) if r["state"] == "RUNNING")
 
 
 def app_running(cluster: Cluster) -> bool:
@@ -366,11 +399,12 @@ def test_serve_deploy_on_two_nodes_survives_losing_a_node_mid_call(cluster, tiny
     headers = {"Authorization": f"Bearer {key}"}
 
     cluster.serve("deploy", str(config))
-    wait_for(lambda: app_running(cluster), 420, "the app to be RUNNING after `serve deploy`", cluster.nodes[0], every=2)
+    wait_for(lambda: app_running(cluster), 420, "the app to be RUNNING after `serve deploy`", cluster.head, every=2)
     wait_for(lambda: _http_ok(f"http://127.0.0.1:{cluster.http_port}/healthz"), 120, "/healthz")
     t_deployed = time.time()
     head_id = next(n["node_id"] for n in cluster.alive_nodes() if n["resources_total"].get("head"))
-    assert running_model_nodes(cluster) == sorted([head_id, cluster.node2.node_id])  # one model replica per node
+    both = sorted([head_id, cluster.node2.node_id])
+    assert running_nodes(cluster) == running_nodes(cluster, "Ingress") == both  # one model and one ingress replica per node
     on_node2 = sorted(name for name in ("Ingress", "FeatureExtractor", "EmotionModel", "ContextAggregator")
                       for r in replicas(cluster.serve_details(), name) if r["node_id"] == cluster.node2.node_id)
     print(f"replicas on node2: {on_node2}")
@@ -394,8 +428,11 @@ def test_serve_deploy_on_two_nodes_survives_losing_a_node_mid_call(cluster, tiny
             killed_at.append(time.time())
             await asyncio.to_thread(cluster.node2.kill)  # the machine vanishes mid-call
 
-        tasks = [asyncio.create_task(stream_resumable(url, cid, rec, speed=1.0, on_message=count, headers=headers,
-                                                      max_reconnects=20)) for cid in cids]
+        async def call(i: int, cid: str):
+            await asyncio.sleep(0.5 * i)  # staggered, so the proxy spreads the connections over both ingress replicas
+            return await stream_resumable(url, cid, rec, speed=1.0, on_message=count, headers=headers, max_reconnects=20)
+
+        tasks = [asyncio.create_task(call(i, cid)) for i, cid in enumerate(cids)]
         kill = asyncio.create_task(killer()) if kill_after_finals is not None else None
         try:
             return await asyncio.gather(*tasks)
@@ -405,23 +442,25 @@ def test_serve_deploy_on_two_nodes_survives_losing_a_node_mid_call(cluster, tiny
             elif kill is not None:
                 await kill
 
-    # three calls at once; node2 dies once two finals are out (mid-call: most utterances are still to come)
-    cids = [f"cl-{uuid.uuid4().hex[:8]}" for _ in range(3)]
-    outcomes = asyncio.run(calls(cids, kill_after_finals=2))
+    # four calls at once; node2 dies once three finals are out (mid-call: most utterances are still to come)
+    cids = [f"cl-{uuid.uuid4().hex[:8]}" for _ in range(4)]
+    outcomes = asyncio.run(calls(cids, kill_after_finals=3))
     assert killed_at and not cluster.node2.alive()
     for cid, outcome in zip(cids, outcomes):
         check_call(cluster, cid, outcome, truth)
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{cluster.http_port}/healthz", timeout=30).read())
     t_calls = time.time()
     print(f"after the kill: reconnects {[o.reconnects for o in outcomes]}, replica retries {health['replica_retries']}")
+    assert sum(o.reconnects for o in outcomes) >= 1  # calls whose ingress was on node2 resumed on the head's
     wait_for(lambda: cluster.node2.node_id not in {n["node_id"] for n in cluster.alive_nodes()}, 120,
              "the GCS to mark node2 dead")
-    assert cluster.node2.node_id not in running_model_nodes(cluster)
+    assert cluster.node2.node_id not in running_nodes(cluster)
 
     # Serve recovers: a replacement node joins and the lost model replica comes back on it
     node3 = cluster.start_worker("node3")
-    wait_for(lambda: app_running(cluster) and running_model_nodes(cluster) == sorted([head_id, node3.node_id]),
-             420, "Serve to restore the model replica on the new node", cluster.nodes[0], every=2)
+    restored = sorted([head_id, node3.node_id])
+    wait_for(lambda: app_running(cluster) and running_nodes(cluster) == running_nodes(cluster, "Ingress") == restored,
+             420, "Serve to restore the model and ingress replicas on the new node", cluster.head, every=2)
     cid = f"cl-{uuid.uuid4().hex[:8]}"
     after = asyncio.run(calls([cid], kill_after_finals=None))[0]
     check_call(cluster, cid, after, truth)
