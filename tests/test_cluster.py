@@ -231,11 +231,14 @@ class Cluster:
         before = {n["node_id"] for n in self.alive_nodes()}
 
         def new() -> list[str]:
-            return [n["node_id"] for n in self.alive_nodes() if n["node_id"] not in before and n["resources_total"].get("node2")]
+            return [n["node_id"] for n in self.alive_nodes()
+                    if n["node_id"] not in before and n["resources_total"].get("node2")]
 
-        node = self._start_node(name, lambda: ["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", "4", "--resources",
-                                               json.dumps({"node2": 1, "tracker_model": 1, "ingress_slot": 1})],
-                                lambda: len(new()) == 1)
+        def args() -> list[str]:
+            return ["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", "4",
+                    "--resources", json.dumps({"node2": 1, "tracker_model": 1, "ingress_slot": 1})]
+
+        node = self._start_node(name, args, lambda: len(new()) == 1)
         node.node_id = new()[0]
         return node
 
@@ -397,7 +400,9 @@ def test_serve_deploy_on_two_nodes_survives_losing_a_node_mid_call(cluster, tiny
     t0 = time.time()
     ckpt = save_tiny_checkpoint(tiny_backbone, tmp_path / "tiny", seed=0)
     config = deploy_yaml(cluster, ckpt)
-    key, _ = KeyStore(cluster.redis_url, read_serve_file(config).app.store.key_prefix).create("default", name="cluster test")
+    keys = KeyStore(cluster.redis_url, read_serve_file(config).app.store.key_prefix)
+    key, _ = keys.create("default", name="cluster test")
+    keys.redis.close()
     headers = {"Authorization": f"Bearer {key}"}
 
     cluster.serve("deploy", str(config))
@@ -406,7 +411,8 @@ def test_serve_deploy_on_two_nodes_survives_losing_a_node_mid_call(cluster, tiny
     t_deployed = time.time()
     head_id = next(n["node_id"] for n in cluster.alive_nodes() if n["resources_total"].get("head"))
     both = sorted([head_id, cluster.node2.node_id])
-    assert running_nodes(cluster) == running_nodes(cluster, "Ingress") == both  # one model and one ingress replica per node
+    # one model replica and one ingress replica on each node
+    assert running_nodes(cluster) == running_nodes(cluster, "Ingress") == both
     on_node2 = sorted(name for name in ("Ingress", "FeatureExtractor", "EmotionModel", "ContextAggregator")
                       for r in replicas(cluster.serve_details(), name) if r["node_id"] == cluster.node2.node_id)
     print(f"replicas on node2: {on_node2}")
@@ -432,7 +438,8 @@ def test_serve_deploy_on_two_nodes_survives_losing_a_node_mid_call(cluster, tiny
 
         async def call(i: int, cid: str):
             await asyncio.sleep(0.5 * i)  # staggered, so the proxy spreads the connections over both ingress replicas
-            return await stream_resumable(url, cid, rec, speed=1.0, on_message=count, headers=headers, max_reconnects=20)
+            return await stream_resumable(url, cid, rec, speed=1.0, on_message=count, headers=headers,
+                                          max_reconnects=20)
 
         tasks = [asyncio.create_task(call(i, cid)) for i, cid in enumerate(cids)]
         kill = asyncio.create_task(killer()) if kill_after_finals is not None else None
