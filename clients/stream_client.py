@@ -198,9 +198,11 @@ async def stream_resumable(
                     return out
                 finally:
                     task.cancel()  # ends the reader if we leave early (a cut, an error)
-        except (ConnectionError, OSError, websockets.ConnectionClosed, asyncio.TimeoutError) as exc:
+        except (ConnectionError, OSError, websockets.ConnectionClosed, websockets.InvalidStatus, asyncio.TimeoutError) as exc:
             if isinstance(exc, websockets.ConnectionClosed) and exc.rcvd is not None and 4000 <= exc.rcvd.code < 5000:
                 raise  # a protocol error will not go away by reconnecting
+            if isinstance(exc, websockets.InvalidStatus) and exc.response.status_code < 500:
+                raise  # refused (401, 404...); a 5xx while a replica is replaced is worth another try
             attempt += 1
             out.reconnects += 1
             if attempt > max_reconnects:

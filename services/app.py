@@ -24,6 +24,11 @@ def resolve_redis_url(config: AppConfig) -> str:
         return config.redis_url
     if os.environ.get("REDIS_URL"):
         return os.environ["REDIS_URL"]
+    if config.require_redis_url:
+        from tracker.config import ConfigError
+
+        raise ConfigError("redis_url: require_redis_url is set but neither redis_url nor $REDIS_URL names a Redis; "
+                          "on a cluster set REDIS_URL on every node (docs/deploy.md)")
     from tracker.context.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis()

@@ -24,6 +24,9 @@ class DeploymentOptions:
     num_cpus: float = 0.25
     num_gpus: float = 0.0  # from config; 0 on CPU machines and in tests
     max_ongoing_requests: int = 32
+    # Ray custom resources each replica needs, e.g. {"tracker_model": 1}: only nodes started with
+    # `ray start --resources='{"tracker_model": N}'` take it (a GPU node pool; docs/deploy.md).
+    resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -32,11 +35,18 @@ class DeploymentOptions:
             raise ConfigError("num_cpus/num_gpus: must be >= 0")
         if self.max_ongoing_requests < 1:
             raise ConfigError(f"max_ongoing_requests: must be >= 1, got {self.max_ongoing_requests}")
+        for name, amount in self.resources.items():
+            if not name or name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ConfigError(f"resources.{name}: a custom resource name (use num_cpus/num_gpus for CPU and GPU)")
+            if amount <= 0:
+                raise ConfigError(f"resources.{name}: must be > 0, got {amount}")
 
     def ray_options(self) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
+        if self.resources:
+            actor["resources"] = dict(self.resources)
         return {"num_replicas": self.num_replicas, "ray_actor_options": actor,
                 "max_ongoing_requests": self.max_ongoing_requests}
 
@@ -96,6 +106,9 @@ class AppConfig:
 
     model: ModelServing = field(default_factory=ModelServing)
     redis_url: str = ""  # "" = $REDIS_URL, else a private embedded Redis started with the app
+    # On a cluster every replica must reach one Redis: true refuses to fall back to a private
+    # embedded Redis when neither redis_url nor $REDIS_URL is set (configs/serve/cluster.yaml).
+    require_redis_url: bool = False
     store: StoreConfig = field(default_factory=StoreConfig)
     vad: VadConfig = field(default_factory=VadConfig)
     features: FeatureExtractorConfig = field(default_factory=lambda: FeatureExtractorConfig(use_cache=False))
