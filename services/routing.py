@@ -6,17 +6,17 @@ its prefix there. :class:`ConversationAffinityRouter` sends every call that name
 ``conversation_id`` keyword (``label``, ``forget``) to the replica that wins rendezvous hashing
 (highest-random-weight) on that id among the running replicas. When replicas come or go only the
 conversations of the replica that left (or a share for the one that came) move; when the chosen
-replica is full (``max_ongoing_requests``) or gone, the request falls back to the default
-power-of-two-choices pick. Calls without a conversation (``info``, ``set_batching``) route as usual.
+replica is full (``max_ongoing_requests``) the request goes to the least loaded other replica.
+Calls without a conversation (``info``, ``set_batching``) take the less loaded of two random replicas.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Iterable, List, Optional
 
-from ray.serve.request_router import PendingRequest, RunningReplica
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 ROUTE_KEY = "conversation_id"  # the keyword argument that carries the conversation (tenant/conversation)
 
@@ -38,18 +38,26 @@ def route_key(pending_request: Optional[PendingRequest]) -> str | None:
     return key if isinstance(key, str) and key else None
 
 
-class ConversationAffinityRouter(PowerOfTwoChoicesRequestRouter):
-    """A conversation's model calls go to its rendezvous-hash home replica; else power of two choices."""
+class ConversationAffinityRouter(RequestRouter):
+    """A conversation's model calls go to its rendezvous-hash home replica; the rest by two random choices.
+
+    Not built on Serve's FIFO mixin on purpose: that hands the replica found for one request to the
+    oldest pending request (of any conversation), which would break affinity exactly under load.
+    """
 
     async def choose_replicas(
         self,
         candidate_replicas: List[RunningReplica],
         pending_request: Optional[PendingRequest] = None,
     ) -> List[List[RunningReplica]]:
-        fallback = await super().choose_replicas(candidate_replicas, pending_request)
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # all full: back off, do not spin
+        if not candidate_replicas:
+            return []
         key = route_key(pending_request)
-        if key is None or not candidate_replicas:
-            return fallback
+        if key is None:  # power of two choices: the less loaded of two random replicas
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        home = by_id[rendezvous_order(key, by_id)[0]]
-        return [[home]] + fallback  # ranked: the home first; if it is full, the default choice
+        order = [by_id[i] for i in rendezvous_order(key, by_id)]
+        # ranked: the home first; if it is full, the least loaded of the others
+        return [[order[0]], order[1:]] if len(order) > 1 else [order]

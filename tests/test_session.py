@@ -302,3 +302,30 @@ def test_rendezvous_routing_is_stable_and_moves_only_the_lost_replicas_conversat
     three = {k: rendezvous_order(k, ["r1", "r2", "r3"])[0] for k in keys}
     assert all(three[k] == two[k] for k in keys if three[k] != "r3")  # a new replica only takes conversations
     assert {k: rendezvous_order(k, ["r1"])[0] for k in keys if two[k] == "r1"} == {k: "r1" for k in keys if two[k] == "r1"}
+
+
+def test_affinity_router_ranks_the_home_replica_first_and_falls_back():
+    from types import SimpleNamespace
+
+    from ray.serve.request_router import PendingRequest
+
+    from services.routing import ConversationAffinityRouter, rendezvous_order
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=u)) for u in ("r1", "r2", "r3")]
+    choose = ConversationAffinityRouter.choose_replicas
+
+    def ranks(kwargs, candidates=replicas):
+        async def go():
+            req = PendingRequest(args=[], kwargs=kwargs, metadata=None)  # its future needs a running loop
+            return req, await choose(None, candidates, req)
+
+        req, out = asyncio.run(go())
+        assert req.routing_context.should_backoff  # every replica full: back off, never spin
+        return [[r.replica_id.unique_id for r in rank] for rank in out]
+
+    home = rendezvous_order("default/c1", ["r1", "r2", "r3"])
+    assert ranks({"conversation_id": "default/c1"}) == [home[:1], home[1:]]
+    gone = [r for r in replicas if r.replica_id.unique_id != home[0]]  # the home replica died
+    assert ranks({"conversation_id": "default/c1"}, gone)[0] == [home[1]]
+    plain = ranks({})  # no conversation: two random replicas
+    assert len(plain) == 1 and len(plain[0]) == 2
