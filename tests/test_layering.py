@@ -53,3 +53,10 @@ def test_data_context_audio_and_stream_load_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"torch was imported: {out.stdout[:300]}"
+
+
+def test_the_model_does_not_import_the_audio_extractors():
+    """An adapter validates its modality sources through tracker.sources, not tracker.audio.modalities."""
+    bad = [f"{p.relative_to(ROOT)} imports {n}" for p in sorted((ROOT / "tracker" / "model").rglob("*.py"))
+           for n in _imports(p) if n in ("tracker.audio.modalities", "tracker.audio.features")]
+    assert not bad, "\n".join(bad)
