@@ -63,6 +63,19 @@ def free_port() -> int:
 
 # ------------------------------------------------------------------ counting (see bench/counting)
 
+def start_service(args: dict):
+    """A LocalService on a free port (another process on this shared machine may take the port first: retry)."""
+    from services.runner import LocalService
+
+    for attempt in range(3):
+        try:
+            return LocalService(port=free_port(), args=args).start()
+        except Exception as exc:
+            if attempt == 2 or "bind" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
 def counters() -> dict[str, dict[str, int]]:
     """The sum of every process's counters so far."""
     out: dict[str, dict[str, int]] = {"redis": {}, "ray": {}}
@@ -178,7 +191,6 @@ def cache_checkpoint(tmp: Path) -> str:
 
 def child(args: argparse.Namespace) -> dict:
     from clients.stream_client import Recording
-    from services.runner import LocalService
     from tracker.audio.synth import voice_conversation
 
     result: dict = {"latency": [], "cache": []}
@@ -190,7 +202,7 @@ def child(args: argparse.Namespace) -> dict:
                                    [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in v.utterances]), v.utterances))
         svc_args = {"model": {"checkpoint": args.checkpoint, "max_batch_size": args.max_batch_size},
                     "deployments": {"emotion_model": {"num_cpus": 1.0, "max_ongoing_requests": max(32, args.max_batch_size)}}}
-        with LocalService(port=free_port(), args=svc_args) as svc:
+        with start_service(svc_args) as svc:
             url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url  # the local API key
             asyncio.run(run_n(url, recs, 1, 8.0))  # warm-up
             c0 = settled_counters()
@@ -219,7 +231,7 @@ def child(args: argparse.Namespace) -> dict:
                         "deployments": {"emotion_model": {"num_replicas": r, "num_cpus": 0.5, "max_ongoing_requests": 32},
                                         "ingress": {"num_cpus": 0.1}, "feature_extractor": {"num_cpus": 0.1},
                                         "context_aggregator": {"num_cpus": 0.1}}}
-            with LocalService(port=free_port(), args=svc_args) as svc:
+            with start_service(svc_args) as svc:
                 url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url
                 before = model_stats()
                 got = asyncio.run(text_conversations(url, args.cache_calls, args.cache_turns))
