@@ -1,25 +1,44 @@
-"""Streaming latency: N concurrent voiced conversations in real time through the real service.
+"""Streaming latency before and after: N concurrent voiced calls in real time through the real service.
 
 For each utterance, latency = the wall-clock time its final label arrived minus the moment the
-stream's audio reached the utterance's true end (from the voiced clip spans). Prints p50/p99 latency
-and labelled utterances per second for each N.
+stream's audio reached the utterance's true end (from the voiced clip spans). For each N the bench
+prints p50/p99 latency, labelled utterances per second, and the Ray calls and Redis round trips per
+utterance, COUNTED in every process (bench/counting/sitecustomize.py patches redis-py's
+``send_packed_command`` and Ray Serve's ``DeploymentHandle.remote``). A call's fixed cost (start,
+auth, stop) is measured with an empty call and reported apart from the per-utterance cost.
 
-Usage: python bench/stream_latency.py [--n 1 4 16] [--checkpoint DIR] [--speed 1.0]
+It then measures the EmotionModel prefix-cache hit rate with 1 and 2 model replicas: 16 concurrent
+text conversations of 30 turns on a tiny context_first model (M = 8, m = 4 past turns) whose
+cache can be reused. hit rate = hits / reusable lookups, where a lookup is reusable unless it is a
+conversation's first (a miss by nature) or falls on a window jump (a rebuild by nature): 100% means
+every other utterance reached the replica holding its conversation's cache. hits/all is also shown.
+
+"Before" is another commit (``--before moves``) checked out into a temporary git worktree and run
+in the same bench run with the same script (PYTHONPATH puts its code first, in Ray's workers too).
+
+Usage: python bench/stream_latency.py [--n 1 4 16 32] [--before moves] [--replicas 1 2] [--checkpoint DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
+import json
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 
-from clients.stream_client import Recording, stream_recording
-from services.runner import LocalService
-from tracker.audio.synth import voice_conversation
+REPO = Path(__file__).resolve().parents[1]
+COUNTING = Path(__file__).resolve().parent / "counting"
+CACHE_WINDOW = (8, 4)  # the cache model's past-turn window: M, m
 
 CALLS = [
     [("Agent", "Thank you for calling, how can I help you today?"),
@@ -42,7 +61,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one_call(url: str, rec: Recording, truth: list[dict], speed: float, lat: list[float]) -> int:
+# ------------------------------------------------------------------ counting (see bench/counting)
+
+def start_service(args: dict):
+    """A LocalService on a free port (another process on this shared machine may take the port first: retry)."""
+    from services.runner import LocalService
+
+    for attempt in range(3):
+        try:
+            return LocalService(port=free_port(), args=args).start()
+        except Exception as exc:
+            if attempt == 2 or "bind" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def counters() -> dict[str, dict[str, int]]:
+    """The sum of every process's counters so far."""
+    out: dict[str, dict[str, int]] = {"redis": {}, "ray": {}}
+    for path in glob.glob(os.path.join(os.environ["TRACKER_BENCH_COUNT_DIR"], "*.json")):
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue
+        for kind in out:
+            for name, n in data.get(kind, {}).items():
+                out[kind][name] = out[kind].get(name, 0) + n
+    return out
+
+
+def settled_counters() -> dict[str, dict[str, int]]:
+    time.sleep(1.2)  # every process writes its counters twice a second
+    return counters()
+
+
+def delta(after: dict, before: dict) -> dict[str, dict[str, int]]:
+    return {k: {n: v - before[k].get(n, 0) for n, v in after[k].items() if v - before[k].get(n, 0)} for k in after}
+
+
+# ------------------------------------------------------------------ one version (the child process)
+
+async def one_call(url: str, rec, truth: list[dict], speed: float, lat: list[float]) -> int:
+    from clients.stream_client import stream_recording
+
     t0 = time.perf_counter()
     arrivals: list[tuple[float, dict]] = []
     out = await stream_recording(url, f"bench-{uuid.uuid4().hex[:8]}", rec, speed=speed,
@@ -55,35 +116,227 @@ async def one_call(url: str, rec: Recording, truth: list[dict], speed: float, la
     return len(out.results)
 
 
-async def run_n(url: str, recs: list[tuple[Recording, list[dict]]], n: int, speed: float) -> tuple[list[float], int, float]:
+async def run_n(url: str, recs: list, n: int, speed: float) -> tuple[list[float], int, float]:
     lat: list[float] = []
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(one_call(url, *recs[i % len(recs)], speed, lat) for i in range(n)))
     return lat, sum(counts), time.perf_counter() - t0
 
 
+async def empty_call(url: str) -> None:
+    """start + stop, no utterance: what a call costs apart from its utterances."""
+    import websockets
+
+    async with websockets.connect(url) as ws:  # messages by hand: the same code drives older commits
+        await ws.send(json.dumps({"type": "start", "conversation_id": f"empty-{uuid.uuid4().hex[:8]}",
+                                  "sample_rate": 16000, "channels": 2, "speakers": ["Agent", "Caller"]}))
+        await ws.send(json.dumps({"type": "stop"}))
+        async for raw in ws:
+            if json.loads(raw).get("type") == "stopped":
+                break
+
+
+async def text_conversations(url: str, n: int, turns: int) -> int:
+    """`n` concurrent conversations of `turns` text utterances each, one utterance at a time."""
+    import websockets
+
+    async def one(i: int) -> int:
+        got = 0
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"type": "start", "conversation_id": f"cache-{i}-{uuid.uuid4().hex[:6]}",
+                                      "sample_rate": 16000, "channels": 2, "speakers": ["Agent", "Caller"]}))
+            await ws.recv()  # started
+            for t in range(turns):
+                await ws.send(json.dumps({"type": "utterance", "utterance_id": f"u{t}", "speaker": ["Agent", "Caller"][t % 2],
+                                          "text": f"Turn {t} of call {i}: {CALLS[t % 2][t % 5][1]}"}))
+                while json.loads(await ws.recv()).get("type") != "utterance":
+                    pass
+                got += 1
+            await ws.send(json.dumps({"type": "stop"}))
+            async for raw in ws:
+                if json.loads(raw).get("type") == "stopped":
+                    break
+        return got
+
+    return sum(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def model_stats() -> dict[int, dict]:
+    """Each EmotionModel replica's info (asked until every replica answered)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("EmotionModel", app_name="tracker")
+    seen: dict[int, dict] = {}
+    for _ in range(60):
+        info = handle.info.remote().result()
+        seen[info["pid"]] = info
+    return seen
+
+
+def cache_checkpoint(tmp: Path) -> str:
+    """A tiny random context_first model whose prefix cache can be reused (window M = 8, m = 4)."""
+    import torch
+
+    from tracker.model.adapter import AdapterConfig
+    from tracker.model.backbone import load_backbone
+    from tracker.model.prompt import PromptConfig
+    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+
+    torch.manual_seed(0)
+    config = RecognizerConfig(backbone="tiny", dtype="fp32", adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4),
+                              prompt=PromptConfig(layout="context_first", context_turns=CACHE_WINDOW[0], context_min_turns=CACHE_WINDOW[1],
+                                                  max_context_line_tokens=24, max_context_tokens=256))
+    return str(EmotionRecognizer(load_backbone("tiny", dtype="fp32", seed=0), config).save_pretrained(tmp / "cache-ckpt"))
+
+
+def child(args: argparse.Namespace) -> dict:
+    from clients.stream_client import Recording
+    from tracker.audio.synth import voice_conversation
+
+    result: dict = {"latency": [], "cache": []}
+    if args.n:
+        recs = []
+        for call in CALLS:
+            v = voice_conversation(call)
+            recs.append((Recording(v.samples, v.sample_rate, v.speakers,
+                                   [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in v.utterances]), v.utterances))
+        svc_args = {"model": {"checkpoint": args.checkpoint, "max_batch_size": args.max_batch_size},
+                    "deployments": {"emotion_model": {"num_cpus": 1.0, "max_ongoing_requests": max(32, args.max_batch_size)}}}
+        with start_service(svc_args) as svc:
+            url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url  # the local API key
+            asyncio.run(run_n(url, recs, 1, 8.0))  # warm-up
+            c0 = settled_counters()
+            asyncio.run(empty_call(url))
+            per_call = delta(settled_counters(), c0)
+            result["per_call"] = per_call
+            print(json.dumps({"progress": per_call, "kind": "per_call"}), flush=True)
+            for n in args.n:
+                c0 = settled_counters()
+                lat, count, secs = asyncio.run(run_n(url, recs, n, args.speed))
+                d = delta(settled_counters(), c0)
+                ms = np.array(lat) * 1000
+                row = {"n": n, "utterances": count, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+                       "max": float(ms.max()), "utt_per_s": count / secs, "load": os.getloadavg()[0],
+                       "redis": d["redis"], "ray": d["ray"],
+                       "redis_per_utt": (sum(d["redis"].values()) - n * sum(per_call["redis"].values())) / max(count, 1),
+                       "ray_per_utt": (sum(d["ray"].values()) - n * sum(per_call["ray"].values())) / max(count, 1),
+                       "redis_total_per_utt": sum(d["redis"].values()) / max(count, 1),
+                       "ray_total_per_utt": sum(d["ray"].values()) / max(count, 1)}
+                result["latency"].append(row)
+                print(json.dumps({"progress": row, "kind": "latency"}), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = cache_checkpoint(Path(tmp)) if args.replicas else ""
+        for r in args.replicas:
+            svc_args = {"model": {"checkpoint": ckpt, "dtype": "fp32", "max_batch_size": 16, "num_threads": 1},
+                        "deployments": {"emotion_model": {"num_replicas": r, "num_cpus": 0.5, "max_ongoing_requests": 32},
+                                        "ingress": {"num_cpus": 0.1}, "feature_extractor": {"num_cpus": 0.1},
+                                        "context_aggregator": {"num_cpus": 0.1}}}
+            with start_service(svc_args) as svc:
+                url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url
+                before = model_stats()
+                got = asyncio.run(text_conversations(url, args.cache_calls, args.cache_turns))
+                after = model_stats()
+            kv = {k: sum((after[p]["kv_cache"] or {}).get(k, 0) - ((before.get(p) or {}).get("kv_cache") or {}).get(k, 0)
+                         for p in after) for k in ("hits", "misses", "rebuilds")}
+            lookups = sum(kv.values())
+            row = {"replicas": r, "replicas_seen": len(after), "utterances": got, **kv,
+                   "hit": kv["hits"] / lookups if lookups else None,
+                   "affine": (kv["hits"] + kv["rebuilds"]) / (lookups - args.cache_calls) if lookups > args.cache_calls else None}
+            result["cache"].append(row)
+            print(json.dumps({"progress": row, "kind": "cache"}), flush=True)
+    return result
+
+
+# ------------------------------------------------------------------ the parent: before and after
+
+def run_version(label: str, code_dir: Path, args: argparse.Namespace) -> dict:
+    count_dir = tempfile.mkdtemp(prefix=f"bench-count-{label}-")
+    env = {**os.environ, "PYTHONPATH": f"{code_dir}:{COUNTING}", "TRACKER_BENCH_COUNT_DIR": count_dir}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--n", *map(str, args.n), "--replicas",
+           *map(str, args.replicas), "--checkpoint", args.checkpoint, "--speed", str(args.speed),
+           "--max-batch-size", str(args.max_batch_size), "--cache-calls", str(args.cache_calls),
+           "--cache-turns", str(args.cache_turns)]
+    print(f"== {label}: {code_dir} ({git_rev(code_dir)})", flush=True)
+    proc = subprocess.run(cmd, env=env, cwd=code_dir, capture_output=True, text=True)
+    result: dict = {"latency": [], "cache": []}
+    for line in proc.stdout.splitlines():
+        if line.startswith('{"progress"'):
+            msg = json.loads(line)
+            print(f"   {label} {msg['kind']}: {json.dumps(msg['progress'])}", flush=True)
+            if msg["kind"] == "per_call":
+                result["per_call"] = msg["progress"]
+            else:
+                result[msg["kind"]].append(msg["progress"])
+    if proc.returncode:  # report what was measured, and why the rest is missing
+        print(f"   {label} FAILED ({proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+    return result
+
+
+def git_rev(path: Path) -> str:
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="*", default=[1, 4, 16, 32])
+    ap.add_argument("--before", default="moves", help="git ref to compare with ('' = after only)")
+    ap.add_argument("--replicas", type=int, nargs="*", default=[1, 2], help="EmotionModel replicas for the cache hit rate")
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--speed", type=float, default=1.0)
     ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--cache-calls", type=int, default=16)
+    ap.add_argument("--cache-turns", type=int, default=30)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    recs = []
-    for call in CALLS:
-        v = voice_conversation(call)
-        recs.append((Recording(v.samples, v.sample_rate, v.speakers,
-                               [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in v.utterances]), v.utterances))
-    svc_args = {"model": {"checkpoint": args.checkpoint, "max_batch_size": args.max_batch_size},
-                "deployments": {"emotion_model": {"num_cpus": 1.0, "max_ongoing_requests": max(32, args.max_batch_size)}}}
-    with LocalService(port=free_port(), args=svc_args) as svc:
-        url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url  # the local API key
-        asyncio.run(run_n(url, recs, 1, 8.0))  # warm-up
-        print(f"{'N':>3} {'utterances':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'utt/s':>7}")
-        for n in args.n:
-            lat, count, secs = asyncio.run(run_n(url, recs, n, args.speed))
-            ms = np.array(lat) * 1000
-            print(f"{n:>3} {count:>10} {np.percentile(ms, 50):8.0f} {np.percentile(ms, 99):8.0f} {ms.max():8.0f} {count / secs:7.2f}", flush=True)
+    if args.child:
+        print(json.dumps({"result": child(args)}), flush=True)
+        return
+    print(f"load before: {os.getloadavg()}", flush=True)
+    results = {}
+    versions = []
+    tmp = None
+    if args.before:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-before-")) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tmp), args.before], check=True,
+                       capture_output=True)
+        versions.append((f"before ({args.before})", tmp))
+    versions.append(("after", REPO))
+    try:
+        for label, path in versions:
+            results[label] = run_version(label, path, args)
+    finally:
+        if tmp is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp)], capture_output=True)
+    print(f"load after: {os.getloadavg()}")
+    print(f"\n{'version':<16} {'N':>3} {'utts':>5} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'utt/s':>6} "
+          f"{'Ray/utt':>8} {'Redis/utt':>9} {'(all Ray':>8} {'Redis)':>7} {'load1':>6}")
+    for label, res in results.items():
+        for r in res["latency"]:
+            print(f"{label:<16} {r['n']:>3} {r['utterances']:>5} {r['p50']:7.0f} {r['p99']:7.0f} {r['max']:7.0f} "
+                  f"{r['utt_per_s']:6.2f} {r['ray_per_utt']:8.2f} {r['redis_per_utt']:9.2f} {r['ray_total_per_utt']:8.2f} "
+                  f"{r['redis_total_per_utt']:7.2f} {r['load']:6.2f}")
+    for label, res in results.items():
+        if "per_call" in res:
+            print(f"{label}: per call (start+stop, no utterance): Ray {res['per_call']['ray']}, Redis {res['per_call']['redis']}")
+        if res["latency"]:
+            r = res["latency"][-1]
+            print(f"{label}: N={r['n']} Ray calls {r['ray']}\n{' ' * len(label)}  Redis {r['redis']}")
+    # With perfect affinity every lookup hits except a conversation's first (a miss) and the window's
+    # jumps (a rebuild: the prefix changed); "reusable" counts the others, and hit rate = hits / reusable.
+    from tracker.context_window import window_start
+
+    jumps = sum(window_start(i, CACHE_WINDOW[0], CACHE_WINDOW[1]) != window_start(i - 1, *CACHE_WINDOW)
+                for i in range(1, args.cache_turns))
+    print(f"\ncache: {args.cache_calls} conversations x {args.cache_turns} turns, window M={CACHE_WINDOW[0]} m={CACHE_WINDOW[1]} "
+          f"({jumps} window jumps per conversation)")
+    print(f"{'version':<16} {'replicas':>8} {'seen':>4} {'utts':>5} {'hits':>5} {'rebuilds':>8} {'misses':>6} {'reusable':>8} "
+          f"{'hit rate':>8} {'hits/all':>8}")
+    for label, res in results.items():
+        for r in res["cache"]:
+            lookups = r["hits"] + r["rebuilds"] + r["misses"]
+            reusable = lookups - args.cache_calls * (1 + jumps)
+            print(f"{label:<16} {r['replicas']:>8} {r['replicas_seen']:>4} {r['utterances']:>5} {r['hits']:>5} {r['rebuilds']:>8} "
+                  f"{r['misses']:>6} {reusable:>8} {100 * r['hits'] / max(reusable, 1):7.1f}% {100 * (r['hit'] or 0):7.1f}%")
 
 
 if __name__ == "__main__":

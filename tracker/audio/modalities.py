@@ -18,8 +18,6 @@ cached per clip on disk by audio content and settings.
 from __future__ import annotations
 
 import dataclasses
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -27,50 +25,7 @@ import numpy as np
 
 from tracker.audio.features import CachedExtractor, FeatureExtractor, FeatureExtractorConfig
 from tracker.config import ConfigError
-
-SOURCES: dict[str, str] = {"egemaps_lld": "lld", "egemaps_functionals": "functionals"}  # eGeMAPS source -> level
-_WHISPER = re.compile(r"^whisper_(?P<model>[A-Za-z0-9.\-]+)_l(?P<layer>\d+)_(?P<pooling>meanstd|mean)$")
-SOURCE_HELP = "egemaps_lld, egemaps_functionals or whisper_<model>_l<layer>_<mean|meanstd> (e.g. whisper_base_l4_meanstd)"
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """A parsed feature source: its kind and parameters."""
-
-    name: str
-    kind: str  # "egemaps" or "whisper"
-    level: str = ""  # egemaps: lld | functionals
-    model: str = ""  # whisper: a packaged model name
-    layer: int = 0
-    pooling: str = ""
-
-    @property
-    def feature_dim(self) -> int:
-        if self.kind == "egemaps":
-            return 25 if self.level == "lld" else 88
-        from tracker.audio.whisper_models import PACKAGED
-
-        d = PACKAGED[self.model].d_model
-        return 2 * d if self.pooling == "meanstd" else d
-
-
-def parse_source(source: str) -> SourceSpec:
-    """The spec of a source name, or a ConfigError that lists the known forms."""
-    if source in SOURCES:
-        return SourceSpec(source, "egemaps", level=SOURCES[source])
-    m = _WHISPER.match(source) if isinstance(source, str) else None
-    if m is None:
-        raise ConfigError(f"unknown source {source!r} (known: {SOURCE_HELP})")
-    from tracker.audio.whisper_models import PACKAGED
-
-    model, layer = m["model"], int(m["layer"])
-    if model not in PACKAGED:
-        raise ConfigError(f"feature source {source!r}: unknown Whisper model {model!r} (packaged: {', '.join(PACKAGED)})")
-    depth = PACKAGED[model].encoder_layers
-    if not 1 <= layer <= depth:
-        raise ConfigError(f"feature source {source!r}: Whisper {model} has encoder blocks 1..{depth}, got l{layer}")
-    return SourceSpec(source, "whisper", model=model, layer=layer, pooling=m["pooling"])
-
+from tracker.sources import SOURCE_HELP, SOURCES, SourceSpec, parse_source  # noqa: F401  (their home is tracker.sources)
 
 def build_extractor(source: str, base: FeatureExtractorConfig | None = None, threads: int = 1) -> CachedExtractor:
     """The cached extractor of one source; `base` gives the cache settings (and openSMILE's rate)."""

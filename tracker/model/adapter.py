@@ -47,7 +47,7 @@ class ModalityConfig:
     speaker_norm: bool = False
 
     def __post_init__(self) -> None:
-        from tracker.audio.modalities import parse_source
+        from tracker.sources import parse_source
 
         try:
             spec = parse_source(self.source)
