@@ -9,7 +9,7 @@ events), ``P:conv:C:spk:S:alert`` (HASH, the rule's state for a speaker) and, wh
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
 from .ops import Batch, Call, Eval, Op, _one
 from .schema import Keys, StoreConfig, alert_outbox_key, as_str, check_id, decode_hash
@@ -49,6 +49,43 @@ class AlertOps:
         return {"alert_id": alert_id, "kind": kind, "tenant": self.tenant, "conversation_id": cid, "speaker": speaker,
                 "utterance_id": utterance_id, "seq": str(seq), "negative": n, "window": str(window), "labels": labels,
                 "at_ms": at_ms, "entry_id": entry_id}
+
+    def append_step(self, append: Eval, record: Mapping[str, Any], negative: bool | None, window: int, raise_at: int,
+                    clear_at: int, outbox: bool = False) -> Op[tuple[bool, str, int | None, dict[str, Any] | None]]:
+        """Store a record and, for a final of a watched speaker, step its alert: one script, one round trip.
+
+        `append` is `Ops.append_eval(conversation_id, record)`; `negative` is None when the rule does
+        not look at this record (an interim, an unwatched speaker), which then is a plain append.
+        Returns ``(stored_now, entry_id, seq, event fields or None)``; for a duplicate (a retried
+        commit) the event the first commit caused, if any, so a retry sends the same events.
+        """
+        if append.name != "append":
+            raise ValueError(f"append_step needs the append script's run, got {append.name!r}")
+        record_seq = record.get("seq")
+        if record_seq is not None and (isinstance(record_seq, bool) or not isinstance(record_seq, int) or record_seq < 0):
+            raise ValueError(f"seq must be an int >= 0, got {record_seq!r}")
+        cid = check_id(record["conversation_id"], "conversation_id")
+        speaker = check_id(record["speaker"], "speaker")
+        uid = check_id(record["utterance_id"], "utterance_id")
+        if negative is None:
+            keys: tuple[str, ...] = append.keys
+            args: tuple[Any, ...] = (len(append.args), "0", *append.args)
+        else:
+            keys = (*append.keys, self.keys.alert_state(cid, speaker), self.keys.alerts(cid), self.outbox)
+            args = (len(append.args), "1", *append.args, uid, record["label"], "1" if negative else "0", window,
+                    raise_at, clear_at, self.config.ttl_seconds, ALERTS_MAXLEN, "1" if outbox else "0", OUTBOX_MAXLEN,
+                    self.tenant, cid, speaker, "" if record_seq is None else str(record_seq))
+        reply = yield Eval("append_alert", keys, args)
+        stored, entry_id = bool(int(reply[0])), as_str(reply[1])
+        seq_s = as_str(reply[2]) if len(reply) > 2 else ""
+        seq = int(seq_s) if seq_s else (record_seq if isinstance(record_seq, int) else None)
+        if len(reply) < 5 or int(reply[3]) == 0:
+            return stored, entry_id, seq, None
+        _, _, _, _, _, kind, alert_id, alert_entry, at_ms, n, labels = reply
+        return stored, entry_id, seq, {
+            "alert_id": as_str(alert_id), "kind": as_str(kind), "tenant": self.tenant, "conversation_id": cid,
+            "speaker": speaker, "utterance_id": uid, "seq": str(seq), "negative": as_str(n), "window": str(window),
+            "labels": as_str(labels), "at_ms": as_str(at_ms), "entry_id": as_str(alert_entry)}
 
     def events(self, conversation_id: str, after: str = "0-0", count: int = 1000) -> Op[list[dict[str, str]]]:
         """The conversation's alert events after stream id `after`, oldest first, each with its ``entry_id``."""

@@ -79,6 +79,15 @@ class Ops:
     # -- writes ------------------------------------------------------------------------------
 
     def append(self, conversation_id: str, record: Mapping[str, Any]) -> Op[tuple[bool, str]]:
+        reply = yield self.append_eval(conversation_id, record)
+        return bool(int(reply[0])), as_str(reply[1])
+
+    def append_eval(self, conversation_id: str, record: Mapping[str, Any]) -> Eval:
+        """The append script's run for `record` (validated and encoded here; raises ValueError).
+
+        Its reply is ``[stored (1/0), entry_id, seq it assigned ('' if the record had one)]``;
+        `tracker.context.alerts.AlertOps.append_step` folds it into one script with the alert step.
+        """
         cid = check_id(conversation_id, "conversation_id")
         enc = encode_record(record, self.label_set)
         c = self.config
@@ -97,8 +106,7 @@ class Ops:
             "1" if enc.has_seq else "0",
             *enc.fields,
         )
-        reply = yield Eval("append", tuple(self.keys.append_keys(cid, enc.speaker)), args)
-        return bool(int(reply[0])), as_str(reply[1])
+        return Eval("append", tuple(self.keys.append_keys(cid, enc.speaker)), args)
 
     def end_conversation(self, conversation_id: str) -> Op[bool]:
         cid = check_id(conversation_id, "conversation_id")

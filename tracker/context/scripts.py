@@ -28,10 +28,9 @@ end
 # ARGV: 1 idempotency field, 2 is_final (1/0), 3 stream maxlen, 4 ttl s, 5 recent n, 6 alpha,
 #       7 speaker, 8 label, 9 score, 10 conversation id, 11 label set, 12 has seq (1/0),
 #       13.. stream field/value pairs
-# Returns {1, entry_id} when stored now, {0, entry_id of the first copy} for a duplicate.
-APPEND = (
-    _FMT
-    + """
+# Returns {1, entry_id, seq assigned ('' when the record brought its own)} when stored now,
+# {0, entry_id of the first copy} for a duplicate.
+APPEND_BODY = """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then return {0, existing} end
 
@@ -42,9 +41,11 @@ local nows = string.format('%d', now)
 
 local fields = {}
 for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+local seq = ''
 if ARGV[12] ~= '1' then
+  seq = tostring(redis.call('INCR', KEYS[9]))
   fields[#fields + 1] = 'seq'
-  fields[#fields + 1] = tostring(redis.call('INCR', KEYS[9]))
+  fields[#fields + 1] = seq
   redis.call('EXPIRE', KEYS[9], ttl)
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
@@ -79,9 +80,9 @@ if final then
   redis.call('HINCRBY', KEYS[8], 'n_final', 1)
   for i = 6, 8 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
-return {1, id}
+return {1, id, seq}
 """
-)
+APPEND = _FMT + APPEND_BODY
 
 # KEYS: 1 meta, 2 conversations. ARGV: 1 conversation id. Returns 1, or 0 if unknown.
 # TTLs are left alone: the conversation expires a TTL after its last utterance, as a whole.
@@ -123,9 +124,7 @@ return 0
 #       9 alerts maxlen, 10 write outbox (1/0), 11 outbox maxlen, 12 tenant, 13 conversation id, 14 speaker
 # Returns {0, raised} when nothing changed or the final was already applied (seq <= last_seq),
 # else {1, raised, kind, alert_id, entry_id, at_ms, negative, labels_json}.
-ALERT_STEP = (
-    _FMT
-    + """
+ALERT_STEP_BODY = """
 local seq = tonumber(ARGV[1])
 local last = redis.call('HGET', KEYS[1], 'last_seq')
 local raised = redis.call('HGET', KEYS[1], 'raised') == '1'
@@ -171,6 +170,52 @@ if ARGV[10] == '1' then
 end
 return {1, raised and 1 or 0, kind, alert_id, id, nows, n, labels_json}
 """
+ALERT_STEP = _FMT + ALERT_STEP_BODY
+
+# A final committed and the escalation rule stepped in one script (one round trip, atomic): the
+# append above, then, when it stored the record now and ARGV[2] is 1, the alert step with the seq
+# the append used. A duplicate (a retried commit) steps nothing and returns the event the first
+# commit caused, if any, from the conversation's alert stream.
+# KEYS: 1..9 the append's, 10..12 the alert step's.
+# ARGV: 1 number of append args (n), 2 step (1/0), 3..n+2 the append's ARGV, then the alert step's
+#       ARGV 2.. (its seq, ARGV 1, is the append's).
+# Returns {stored, entry_id, seq, changed, raised, kind, alert_id, alert_entry_id, at_ms, negative, labels_json}
+# (fields after `changed` only when it is 1).
+APPEND_ALERT = (
+    _FMT
+    + "local function append_record(KEYS, ARGV)\n" + APPEND_BODY + "\nend\n"
+    + "local function alert_step(KEYS, ARGV)\n" + ALERT_STEP_BODY + "\nend\n"
+    + """
+local n = tonumber(ARGV[1])
+local akeys, aargv = {}, {}
+for i = 1, 9 do akeys[i] = KEYS[i] end
+for i = 1, n do aargv[i] = ARGV[i + 2] end
+local r = append_record(akeys, aargv)
+if ARGV[2] ~= '1' then return {r[1], r[2], r[3] or ''} end
+local utterance_id = ARGV[n + 3]
+if r[1] == 0 then
+  -- a duplicate: the event this final caused the first time, if any (it is among the newest)
+  local recent = redis.call('XREVRANGE', KEYS[11], '+', '-', 'COUNT', 16)
+  for _, e in ipairs(recent) do
+    local f = {}
+    for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+    if f['utterance_id'] == utterance_id and f['speaker'] == ARGV[n + 15] then
+      return {0, r[2], f['seq'], 1, f['kind'] == 'raised' and 1 or 0, f['kind'], f['alert_id'], e[1], f['at_ms'],
+              tonumber(f['negative']), f['labels']}
+    end
+  end
+  return {0, r[2], ''}
+end
+local seq = r[3]
+if seq == '' then seq = ARGV[n + 3 + 13] end  -- the record brought its seq: the caller passed it
+local sargv = {seq}
+for i = n + 3, #ARGV - 1 do sargv[#sargv + 1] = ARGV[i] end
+local s = alert_step({KEYS[10], KEYS[11], KEYS[12]}, sargv)
+local out = {1, r[2], seq}
+for i = 1, #s do out[#out + 1] = s[i] end
+return out
+"""
 )
 
-SCRIPTS: dict[str, str] = {"append": APPEND, "end": END, "next_seq": NEXT_SEQ, "delete": DELETE, "alert_step": ALERT_STEP}
+SCRIPTS: dict[str, str] = {"append": APPEND, "end": END, "next_seq": NEXT_SEQ, "delete": DELETE, "alert_step": ALERT_STEP,
+                           "append_alert": APPEND_ALERT}
