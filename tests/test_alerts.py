@@ -233,3 +233,18 @@ def test_async_append_with_the_outbox_queues_the_event_for_webhooks(redis_server
     c, outbox = asyncio.run(go())
     assert [e.kind for e in c.events] == ["raised"] and c.events[0].tenant == "acme"
     assert len(outbox) == 1 and outbox[0][1][b"alert_id"].decode() == c.events[0].alert_id
+
+
+def test_read_since_gives_records_and_alert_events_from_one_read_and_resumes_after_either(store):
+    engine = SyncAlertEngine(store, EscalationConfig(window=2, raise_at=2, clear_at=0))
+    for i, label in enumerate(["anger", "fear", "joy", "neutral"]):
+        engine.append("c4", _record(i, "Customer", label))
+    records, events = engine.read_since("c4")
+    assert [r["utterance_id"] for r in records] == ["u0", "u1", "u2", "u3"]
+    assert [(e.kind, e.utterance_id, e.conversation_id, e.tenant) for e in events] == [
+        ("raised", "u1", "c4", "default"), ("cleared", "u3", "c4", "default")]
+    records, events = engine.read_since("c4", records[1]["entry_id"], events[0].entry_id)
+    assert [r["utterance_id"] for r in records] == ["u2", "u3"] and [e.kind for e in events] == ["cleared"]
+    assert engine.read_since("c4", records[-1]["entry_id"], events[-1].entry_id, block_ms=50) == ([], [])
+    with pytest.raises(ValueError, match="alerts_after"):
+        engine.read_since("c4", "0-0", "yesterday")

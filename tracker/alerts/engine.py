@@ -104,6 +104,12 @@ class AlertEngine:
         raw = await self.store.run(self._ops.events(conversation_id, after, count))
         return [AlertEvent.from_fields(f, self.tenant, conversation_id) for f in raw]
 
+    async def read_since(self, conversation_id: str, after: str = "0-0", alerts_after: str = "0-0",
+                         block_ms: int | None = None, count: int = 100) -> tuple[list[dict], list[AlertEvent]]:
+        """Records and alert events stored after the two stream ids (one XREAD; waits up to `block_ms`)."""
+        records, raw = await self.store.run(self._ops.read_since(conversation_id, after, alerts_after, block_ms, count))
+        return records, [AlertEvent.from_fields(f) for f in raw]
+
     async def state(self, conversation_id: str, speakers: list[str]) -> dict[str, dict[str, Any]]:
         """Which speakers have an alert up now (and since which utterance)."""
         return await self.store.run(self._ops.state(conversation_id, speakers))
@@ -122,6 +128,11 @@ class SyncAlertEngine(AlertEngine):
     def events(self, conversation_id: str, after: str = "0-0", count: int = 1000) -> list[AlertEvent]:  # type: ignore[override]
         raw = self.store.run(self._ops.events(conversation_id, after, count))
         return [AlertEvent.from_fields(f, self.tenant, conversation_id) for f in raw]
+
+    def read_since(self, conversation_id: str, after: str = "0-0", alerts_after: str = "0-0",  # type: ignore[override]
+                   block_ms: int | None = None, count: int = 100) -> tuple[list[dict], list[AlertEvent]]:
+        records, raw = self.store.run(self._ops.read_since(conversation_id, after, alerts_after, block_ms, count))
+        return records, [AlertEvent.from_fields(f) for f in raw]
 
     def state(self, conversation_id: str, speakers: list[str]) -> dict[str, dict[str, Any]]:  # type: ignore[override]
         return self.store.run(self._ops.state(conversation_id, speakers))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from .ops import Batch, Call, Eval, Op, _one
-from .schema import Keys, StoreConfig, alert_outbox_key, as_str, check_id, decode_hash
+from .ops import _ENTRY_ID, Batch, Call, Eval, Op, _one
+from .schema import Keys, StoreConfig, alert_outbox_key, as_str, check_id, decode_entries, decode_hash
 
 ALERTS_MAXLEN = 10_000  # per conversation (approximate trimming)
 OUTBOX_MAXLEN = 100_000  # all tenants; a dispatcher that is down this long loses the oldest
@@ -98,6 +98,34 @@ class AlertOps:
             f["entry_id"] = as_str(entry_id)
             out.append(f)
         return out
+
+    def read_since(self, conversation_id: str, after: str = "0-0", alerts_after: str = "0-0",
+                   block_ms: int | None = None, count: int = 100) -> Op[tuple[list[dict], list[dict[str, str]]]]:
+        """``(records, alert events)`` stored after the two stream ids, from one XREAD of both streams
+        (a watcher's feed: it waits up to `block_ms` for either). Events carry ``entry_id``."""
+        cid = check_id(conversation_id, "conversation_id")
+        for name, value in (("after", after), ("alerts_after", alerts_after)):
+            if not isinstance(value, str) or not _ENTRY_ID.match(value or "0-0"):
+                raise ValueError(f"{name} must be a stream id like '1700000000000-0', got {value!r}")
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        stream, alerts = self.keys.stream(cid), self.keys.alerts(cid)
+        (raw,) = yield _one(Call("xread", ({stream: after or "0-0", alerts: alerts_after or "0-0"},),
+                                 {"count": count, "block": block_ms}))
+        items = raw.items() if isinstance(raw, Mapping) else (raw or ())
+        records: list[dict] = []
+        events: list[dict[str, str]] = []
+        for key, entries in items:
+            if entries and isinstance(entries[0], list) and entries[0] and isinstance(entries[0][0], (list, tuple)):
+                entries = entries[0]  # RESP3 on some redis-py versions
+            if as_str(key) == stream:
+                records += decode_entries(entries)
+            else:
+                for entry_id, fields in entries:
+                    f = decode_hash(fields)
+                    f.update(tenant=self.tenant, conversation_id=cid, entry_id=as_str(entry_id))
+                    events.append(f)
+        return records, events
 
     def state(self, conversation_id: str, speakers: list[str]) -> Op[dict[str, dict[str, Any]]]:
         """Per speaker: whether the alert is up, since which utterance, and the window's labels."""

@@ -98,3 +98,5 @@ class RefineStage:
         stored = await self.pipeline.store_record(self.conversation_id, record)
         u.final = True
         await self.send(P.result_message(stored))
+        for alert in P.alert_messages(stored):
+            await self.send(alert)
