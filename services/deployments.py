@@ -224,9 +224,7 @@ class ContextAggregator:
             for e in done.events:
                 metrics.inc("tracker_alerts", kind=e.kind)
             return {**record, "seq": done.seq, "alerts": alerts}
-        existing = None
-        if record.get("is_final", True):
-            existing = await self._for(tenant).get_final(conversation_id, record["utterance_id"])
+        existing = await self._for(tenant).get_final(conversation_id, record["utterance_id"])
         return {**(existing if existing is not None else {**record, "seq": done.seq}), "alerts": alerts}
 
     async def watch_since(self, conversation_id: str, after: str, alerts_after: str, block_ms: int = 1000,
