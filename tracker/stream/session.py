@@ -138,6 +138,7 @@ class StreamSession:
         self._last_end_ms = 0
         self._stored: list[dict[str, Any]] = []  # final results stored before this (resumed) connection
         self._delivered: set[str] = set()  # utterance ids whose final result the client has
+        self._released_at: dict[str, float] = {}  # refining: when each interim's end of speech was known
         self.results_sent = 0
         self.fatal: P.ProtocolError | None = None
         self._refine = None  # a tracker.stream.refine.RefineStage when the pipeline refines (interim, then final)
@@ -356,6 +357,7 @@ class StreamSession:
                     await self._error(P.ProtocolError(P.PROCESSING_FAILED, f"utterance {job.utterance_id}: {type(cause).__name__}: {str(cause)[:200]}"))
                     continue
                 if self._refine is not None and not record.get("is_final"):
+                    self._released_at[record["utterance_id"]] = job.released_at  # its final comes later
                     await self._interim(record)
                     continue
                 if job.explicit or record["utterance_id"] not in self._delivered:
@@ -386,6 +388,9 @@ class StreamSession:
         if message["utterance_id"] not in self._delivered:
             await self.send(message)
             self.results_sent += 1
+            released = self._released_at.pop(message["utterance_id"], None)
+            if self.observer is not None and released is not None:
+                self.observer.final_sent(message, time.monotonic() - released)
         self._delivered.add(message["utterance_id"])
 
     async def _finish_refinement(self) -> None:
