@@ -1,4 +1,5 @@
-"""The Ray Serve application: Ingress -> FeatureExtractor, EmotionModel, ContextAggregator.
+"""The Ray Serve application: Ingress -> FeatureExtractor, EmotionModel, ContextAggregator (and, when
+configured, the RefinerModel and the AlertDispatcher that delivers webhooks).
 
 ``serve run configs/serve/local.yaml`` imports :func:`build_app` with the file's ``args``;
 ``tracker serve`` does the same in-process after starting Ray and Redis.
@@ -79,4 +80,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         from services.refinement import RefinerModel
 
         extra["refiner"] = RefinerModel.options(**d.refiner.ray_options()).bind(args)
+    if config.webhooks.endpoints:  # alert events POSTed from the Redis outbox (docs/alerts.md)
+        from services.deployments import AlertDispatcher
+
+        extra["webhooks"] = AlertDispatcher.options(**d.webhooks.ray_options()).bind(args, redis_url)
     return Ingress.options(**d.ingress.ray_options()).bind(features, model, context, {**args, "redis_url": redis_url}, **extra)

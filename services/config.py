@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from tracker.alerts.rule import EscalationConfig
+from tracker.alerts.webhooks import WebhookConfig
 from tracker.audio.features import FeatureExtractorConfig
 from tracker.audio.vad import VadConfig
 from tracker.config import ConfigError, load_dataclass
@@ -105,6 +107,8 @@ class Deployments:
     emotion_model: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=1.0))
     context_aggregator: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256))
     refiner: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.5))
+    # delivers webhooks (only deployed when alerts.webhooks has endpoints); one replica is enough
+    webhooks: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.05))
 
 
 @dataclass
@@ -123,6 +127,8 @@ class AppConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     deployments: Deployments = field(default_factory=Deployments)
     refine: RefineServing = field(default_factory=RefineServing)
+    alerts: EscalationConfig = field(default_factory=EscalationConfig)  # the escalation rule (docs/alerts.md)
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)  # where alert events are POSTed
 
     def __post_init__(self) -> None:
         if self.deployments.emotion_model.max_ongoing_requests < self.model.max_batch_size:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from services import metrics
 from services.config import AppConfig, load_app_config
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ class FeatureExtractor:
         if not self.features.names:
             return None
         samples = pcm16_to_numpy(pcm)
-        return await asyncio.to_thread(self.features.from_signal, samples, sample_rate)
+        with metrics.timed("tracker_features_seconds"):
+            return await asyncio.to_thread(self.features.from_signal, samples, sample_rate)
 
 
 def checkpoint_path(config: AppConfig) -> Path:
@@ -95,6 +98,7 @@ class EmotionModel:
         self.model = ModelLabeler(self.recognizer, incremental=m.incremental, kv_cache_bytes=m.kv_cache_mb << 20,
                                   cache_idle_s=m.kv_cache_idle_s)
         self.labeler = self.model.labeler  # incremental labelling with per-conversation prefix caches (context_first)
+        self._cache_metric = metrics.CacheCounter("kv_prefix")
         self.recognizer.predict_proba([UtteranceInput("Hello.", "A")])  # warm-up: the first forward allocates
 
     def info(self, conversation_id: str | None = None) -> dict[str, Any]:
@@ -122,16 +126,24 @@ class EmotionModel:
         """Label one utterance (a tracker.types.UtteranceInput, its context inside); concurrent calls
         are batched into one forward. `conversation_id` keys its prefix cache (and its routing)."""
         self.in_flight += 1
+        metrics.set_gauge("tracker_queue_depth", self.in_flight, stage="model")
         try:
             return await self._label_batch((conversation_id, utterance))
         finally:
             self.in_flight -= 1
+            metrics.set_gauge("tracker_queue_depth", self.in_flight, stage="model")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _label_batch(self, items: list[tuple[str | None, Any]]) -> list[dict[str, Any]]:
         self.batches += 1
         self.items += len(items)
-        return await asyncio.to_thread(self.model.label, items)
+        metrics.observe("tracker_model_batch_size", len(items))
+        with metrics.timed("tracker_model_seconds", stage="label"):
+            out = await asyncio.to_thread(self.model.label, items)
+        if self.labeler is not None:
+            st = self.labeler.cache.stats
+            self._cache_metric.update(st.hits, st.misses + st.rebuilds)
+        return out
 
 
 @serve.deployment
@@ -144,6 +156,7 @@ class ContextAggregator:
 
     def __init__(self, args: dict[str, Any], redis_url: str, label_set: dict[str, Any],
                  window: tuple[int, int | None] = (0, None)):
+        from tracker.alerts import AlertEngine
         from tracker.context.store import AsyncConversationStore
         from tracker.labels import LabelSet
 
@@ -151,11 +164,19 @@ class ContextAggregator:
         self.max_turns, self.min_turns = int(window[0]), window[1]  # the served model's window policy, bound once
         self.store = AsyncConversationStore(redis_url, self.config.store, LabelSet.from_dict(label_set))
         self._stores = {self.store.tenant: self.store}
+        # the escalation rule, applied in the same script as each append; events queued for webhooks if any
+        self.alerts = AlertEngine(self.store, self.config.alerts, outbox=bool(self.config.webhooks.endpoints))
+        self._engines = {self.store.tenant: self.alerts}
 
     def _for(self, tenant: str):
         if tenant not in self._stores:
             self._stores[tenant] = self.store.with_tenant(tenant)
         return self._stores[tenant]
+
+    def _engine(self, tenant: str):
+        if tenant not in self._engines:
+            self._engines[tenant] = self.alerts.with_tenant(tenant)
+        return self._engines[tenant]
 
     async def begin(self, conversation_id: str, utterance_id: str, tenant: str = "default"):
         """The utterance's stored final (a retry) or its context window: one Redis round trip
@@ -166,13 +187,33 @@ class ContextAggregator:
         return Begun(final, index, tuple(turns))
 
     async def commit(self, conversation_id: str, record: dict[str, Any], tenant: str = "default") -> dict[str, Any]:
-        """Store a result once (the append script assigns seq) and return the stored record: one round trip.
-        A retried utterance id returns the record stored first."""
-        return await self._for(tenant).commit(conversation_id, record)
+        """Store a result once and apply the escalation rule to it: one script, one Redis round trip.
+
+        The append script assigns ``seq``. Returns the stored record (for a retried utterance id the
+        one stored first) with ``alerts``: the alert events it caused, as dicts (also on a retry).
+        """
+        record = dict(record)
+        record.setdefault("created_at", time.time())
+        done = await self._engine(tenant).append(conversation_id, record)
+        if done.stored:
+            metrics.inc("tracker_utterances_labelled", final=str(bool(record.get("is_final", True))).lower())
+            for e in done.events:
+                metrics.inc("tracker_alerts", kind=e.kind)
+        return {**done.record, "alerts": [e.to_dict() for e in done.events]}
 
     async def record(self, conversation_id: str, record: dict[str, Any], tenant: str = "default") -> dict[str, Any]:
         """`commit` under its former name."""
         return await self.commit(conversation_id, record, tenant)
+
+    async def watch_since(self, conversation_id: str, after: str, alerts_after: str, block_ms: int = 1000,
+                          count: int = 100, tenant: str = "default") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Stored records and alert events after the two stream ids (one XREAD of both; waits up to `block_ms`)."""
+        records, events = await self._engine(tenant).read_since(conversation_id, after, alerts_after, block_ms, count)
+        return records, [e.to_dict() for e in events]
+
+    async def alert_state(self, conversation_id: str, speakers: list[str], tenant: str = "default") -> dict[str, Any]:
+        """Which speakers have an alert up now."""
+        return await self._engine(tenant).state(conversation_id, speakers)
 
     async def known(self, conversation_id: str, tenant: str = "default") -> bool:
         return await self._for(tenant).exists(conversation_id)
@@ -211,3 +252,73 @@ class ContextAggregator:
     def redis_retries(self) -> int:
         """Redis calls retried after a transient error (Redis down or restarting), all tenants."""
         return sum(s.retries for s in self._stores.values())
+
+
+@serve.deployment
+class AlertDispatcher:
+    """Delivers alert events from the Redis outbox to the configured webhooks (tracker.alerts.webhooks).
+
+    Deployed only when ``webhooks.endpoints`` is set; one replica per cluster is enough (more are
+    safe: each is a consumer of the outbox's group). The loop starts with the replica and stops
+    when Serve shuts it down: the event in hand is finished or, if cut short, redelivered later.
+    """
+
+    def __init__(self, args: dict[str, Any], redis_url: str):
+        from tracker.alerts import WebhookDispatcher
+
+        self.config = load_app_config(args)
+        self.dispatcher = WebhookDispatcher(redis_url, self.config.webhooks, key_prefix=self.config.store.key_prefix)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._reported = dict(self.dispatcher.stats)
+        try:  # Serve runs the constructor on the replica's event loop: start delivering now
+            self._ensure_running()
+        except RuntimeError:  # no running loop here: check_health starts it
+            pass
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            if self._task is not None and not self._task.cancelled() and self._task.exception() is not None:
+                log.error("webhook dispatcher stopped: %r; restarting it", self._task.exception())
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await self._run_some()
+
+    async def _run_some(self) -> None:
+        try:
+            await self.dispatcher.process_once(block_ms=500)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis unavailable, or a bug: wait, try again
+            log.warning("webhook dispatcher: %s: %s; retrying", type(exc).__name__, exc)
+            self.dispatcher._group_ready = False
+            await asyncio.sleep(1.0)
+        self._report()
+
+    def _report(self) -> None:
+        for stat, outcome in (("delivered", "delivered"), ("retries", "retried"), ("dead_lettered", "dead_lettered")):
+            n = self.dispatcher.stats[stat] - self._reported.get(stat, 0)
+            if n > 0:
+                metrics.inc("tracker_webhook_deliveries", n, outcome=outcome)
+        self._reported = dict(self.dispatcher.stats)
+
+    async def check_health(self) -> None:
+        """Serve calls this every few seconds: it (re)starts the delivery loop in the replica's event loop."""
+        self._ensure_running()
+
+    async def status(self) -> dict[str, Any]:
+        self._ensure_running()
+        return {"running": self._task is not None and not self._task.done(), **self.dispatcher.stats,
+                "dead_letters": len(await self.dispatcher.dead_letters(1000))}
+
+    async def __del__(self):
+        """Serve is stopping this replica: stop taking new events, let the one in hand finish briefly."""
+        self._stop.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=5)
+            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+                self._task.cancel()
+        await self.dispatcher.aclose()

@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from tracker.stream import protocol as P
+from services import metrics
 from services.auth import ANONYMOUS, SUBPROTOCOL, AsyncKeyStore, AuthError, Principal, key_from_request
 from services.config import load_app_config
 from services.limits import TokenBucket, is_replica_failure
@@ -42,7 +43,6 @@ api = FastAPIOffline(  # Swagger UI (/docs) and ReDoc (/redoc) from files in the
 
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "clients" / "dashboard"
-ALERT = {"k": 3, "m": 4, "clear": 1}  # escalation: >= k negative of a speaker's last m finals; clears at <= clear
 
 
 REPLICA_RETRY_S = 180.0  # how long an utterance is retried while a crashed replica is being replaced
@@ -138,8 +138,11 @@ class ServePipeline:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle,
-                 args: dict[str, Any], refiner: DeploymentHandle | None = None):
+                 args: dict[str, Any], refiner: DeploymentHandle | None = None,
+                 webhooks: DeploymentHandle | None = None):
         self.config = load_app_config(args)
+        self.webhooks = webhooks  # the AlertDispatcher, when webhooks are configured (it runs on its own)
+        self.session_metrics = metrics.SessionMetrics()
         self.features, self.model, self.context = features, model, context
         self.refiner = refiner  # None: refinement off, every label final at once
         self._refine_info: dict[str, Any] | None = None
@@ -172,6 +175,7 @@ class Ingress:
         try:
             return await self._authenticate(key_from_request(request.headers, request.query_params))
         except AuthError as exc:
+            metrics.inc("tracker_errors", code=P.UNAUTHORIZED)
             raise HTTPException(status_code=401, detail={"code": P.UNAUTHORIZED, "message": str(exc)},
                                 headers={"WWW-Authenticate": "Bearer"}) from None
         except Exception as exc:  # Redis down longer than the retry window
@@ -210,6 +214,7 @@ class Ingress:
 
     @staticmethod
     async def _refuse(ws: WebSocket, code: int, message: str) -> None:
+        metrics.inc("tracker_errors", code=code)
         try:
             await ws.send_json({"type": "error", "code": code, "message": message, "fatal": True})
             await ws.close(code=code, reason=message[:120])
@@ -237,8 +242,10 @@ class Ingress:
 
         info = await self.model.info.remote()
         ls = LabelSet.from_dict(info["label_set_full"])
+        rule = self.config.alerts
+        alert = {**rule.as_rule(), "enabled": rule.enabled, "negative": sorted(rule.negative_labels(ls))}
         return {"labels": list(ls.labels), "negative": list(ls.negative),
-                "valence": dict(zip(ls.labels, ls.values)), "alert": ALERT}
+                "valence": dict(zip(ls.labels, ls.values)), "alert": alert}
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -314,22 +321,23 @@ class Ingress:
         return (err.code, err.message[:120]) if err else (P.CLOSE_NORMAL, "stopped")
 
     @api.websocket("/v1/watch")
-    async def watch(self, ws: WebSocket, conversation_id: str, after: str = "0-0") -> None:
-        """Push a conversation's stored results to a dashboard: everything after `after`, then live.
+    async def watch(self, ws: WebSocket, conversation_id: str, after: str = "0-0", alerts_after: str = "0-0") -> None:
+        """Push a conversation's stored results and alert events to a dashboard: everything after
+        `after` (results) and `alerts_after` (alerts), then live.
 
         Reads go to Redis in pages and only after the previous page was sent, so a slow consumer
         never makes the server buffer: it simply catches up from Redis. A dashboard that reconnects
-        passes the last `entry_id` it saw as `after` and misses nothing.
+        passes the last `entry_id` it saw of each kind and misses nothing.
         """
         who = await self._ws_accept(ws, "watch", self.config.limits.max_watches_per_key)
         if who is None:
             return
         try:
-            await self._watch(ws, who, conversation_id, after)
+            await self._watch(ws, who, conversation_id, after, alerts_after)
         finally:
             self._release("watch", who)
 
-    async def _watch(self, ws: WebSocket, who: Principal, conversation_id: str, after: str) -> None:
+    async def _watch(self, ws: WebSocket, who: Principal, conversation_id: str, after: str, alerts_after: str) -> None:
         if not conversation_id or len(conversation_id) > P.MAX_ID_CHARS:
             await ws.send_json({"type": "error", "code": P.INVALID_FIELD, "fatal": True,
                                 "message": f"conversation_id must have 1 to {P.MAX_ID_CHARS} characters"})
@@ -346,19 +354,26 @@ class Ingress:
             gone.set()
 
         listener = asyncio.create_task(watch_disconnect())
-        last = after or "0-0"
+        last, last_alert = after or "0-0", alerts_after or "0-0"
         timeout = self.config.limits.watch_send_timeout_s
         try:
             while not gone.is_set():
-                entries = await self.context.read_since.remote(conversation_id, last, 1000, 200, tenant=who.tenant)
-                for entry in entries:
+                entries, alerts = await self.context.watch_since.remote(conversation_id, last, last_alert, 1000, 200,
+                                                                        tenant=who.tenant)
+                # results first: an alert's final is stored before it (same script), so it is in this read too
+                messages = [("r", e["entry_id"], {"type": "utterance", "conversation_id": conversation_id, **e})
+                            for e in entries] + [("a", a["entry_id"], P.alert_message(a)) for a in alerts]
+                for kind, entry_id, message in messages:
                     try:  # a consumer too slow to take one message is closed; it catches up from Redis
-                        await asyncio.wait_for(ws.send_json({"type": "utterance", "conversation_id": conversation_id,
-                                                             **entry}), timeout)
+                        await asyncio.wait_for(ws.send_json(message), timeout)
                     except asyncio.TimeoutError:
-                        await self._refuse(ws, P.CLOSE_OVERLOADED, f"slow consumer: reconnect with after={last}")
+                        await self._refuse(ws, P.CLOSE_OVERLOADED,
+                                           f"slow consumer: reconnect with after={last}&alerts_after={last_alert}")
                         return
-                    last = entry["entry_id"]
+                    if kind == "r":
+                        last = entry_id
+                    else:
+                        last_alert = entry_id
         except ValueError as exc:
             cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's exception
             await ws.send_json({"type": "error", "code": P.INVALID_FIELD, "message": str(cause)[:300], "fatal": True})
@@ -404,7 +419,8 @@ class Ingress:
             except Exception:  # the peer went away mid-send
                 pass
 
-        session = StreamSession(await self._pipeline(who), send, self.config.vad, self.config.limits)
+        session = StreamSession(await self._pipeline(who), send, self.config.vad, self.config.limits,
+                                observer=self.session_metrics)
         code, reason = P.CLOSE_NORMAL, "stopped"
         try:
             while True:
@@ -415,6 +431,7 @@ class Ingress:
                 refused = self._over_limit(msg, bucket)
                 if refused is not None:
                     self.stats["limit_refused"] += 1
+                    metrics.inc("tracker_errors", code=refused.code)
                     await send(refused.to_message())
                     code, reason = refused.code, refused.message[:120]
                     break
@@ -433,6 +450,7 @@ class Ingress:
         except Exception as exc:  # never crash the replica for one stream
             log.exception("stream failed")
             code, reason = P.CLOSE_INTERNAL, f"internal error: {type(exc).__name__}"
+            metrics.inc("tracker_errors", code=P.CLOSE_INTERNAL)
             await send({"type": "error", "code": P.CLOSE_INTERNAL, "message": reason, "fatal": True})
         finally:
             await session.close()

@@ -9,6 +9,7 @@ from typing import Any
 
 from ray import serve
 
+from services import metrics
 from services.config import load_app_config
 from tracker.stream.refine import refiner_path
 
@@ -70,7 +71,8 @@ class RefinerModel:
 
     async def judge(self, windows: list[list[dict[str, Any]]]) -> list[list[list[float]]]:
         """Logits (members, L) per window; each window is a list of {speaker, text, base_probs}."""
-        return await asyncio.to_thread(self._judge, windows)
+        with metrics.timed("tracker_model_seconds", stage="refine"):
+            return await asyncio.to_thread(self._judge, windows)
 
     def combine(self, judgements: list[dict[str, Any]], base_probs: list[float]) -> dict[str, Any]:
         from tracker.stream.pipeline import combine_judgements

@@ -34,6 +34,9 @@ class LocalService:
     # append-only file on, so history and API keys survive a restart; None = a throwaway temp dir.
     redis_dir: str | Path | None = None
     key_file: str | Path | None = None  # where the local key is remembered across restarts (mode 0600)
+    # Prometheus scrape port of Ray's metrics agent (services/metrics.py, docs/operations.md); None = a
+    # free port Ray picks (see `metrics_url` once started). Only used when this object starts Ray.
+    metrics_port: int | None = None
     _redis: Any = None
     _ray_started: bool = False
     _running: bool = False
@@ -45,6 +48,18 @@ class LocalService:
     @property
     def ws_url(self) -> str:
         return f"ws://{self.host}:{self.port}/v1/stream"
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where Prometheus scrapes this node's metrics (Ray's metrics export port), once Ray runs."""
+        try:
+            import ray
+
+            node = ray._private.worker._global_node
+            port = node.metrics_export_port if node is not None else None
+        except Exception:
+            port = None
+        return f"http://{self.host}:{port}/metrics" if port else None
 
     @property
     def auth_headers(self) -> dict[str, str]:
@@ -102,8 +117,9 @@ class LocalService:
         self._ensure_key()
         if not ray.is_initialized():
             keep = signal.getsignal(signal.SIGTERM)
+            extra = {"_metrics_export_port": self.metrics_port} if self.metrics_port else {}
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False, configure_logging=False)
+                     log_to_driver=False, configure_logging=False, **extra)
             if threading.current_thread() is threading.main_thread() and keep is not None:
                 signal.signal(signal.SIGTERM, keep)  # ray.init makes SIGTERM sys.exit(15); the process's owner decides
             self._ray_started = True

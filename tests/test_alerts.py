@@ -171,3 +171,80 @@ def test_deleting_a_conversation_removes_its_alerts_and_rule_state(store):
     assert [c["conversation_id"] for c in store.list_conversations()] == ["kept"]
     # the id can be used again from scratch
     assert engine.on_final_committed(commit(store, "gone", 0, "C", "anger"))[0].kind == "raised"
+
+
+# -- committing and stepping in one round trip -----------------------------------------------------
+
+
+def _record(i: int, speaker: str, label: str, **extra) -> dict:
+    return {"utterance_id": f"u{i}", "speaker": speaker, "start_ms": 1000 * i, "end_ms": 1000 * i + 900,
+            "text": f"utterance {i}", "label": label, "is_final": True, **extra}
+
+
+def test_append_stores_the_final_and_steps_the_rule_in_one_round_trip_and_a_retry_returns_the_same_event(store):
+    engine = SyncAlertEngine(store, EscalationConfig(speakers=["Customer"]))
+    steps = []
+    run_step = store._step
+    store._step = lambda step: steps.append(step) or run_step(step)  # count what goes to Redis
+    labels = ["anger", "anger", "neutral", "anger", "neutral", "neutral", "neutral"]
+    got = []
+    for i, label in enumerate(labels):
+        c = engine.append("c1", _record(i, "Customer", label))
+        assert c.stored and c.seq == i + 1
+        got += [(e.kind, e.utterance_id, e.seq) for e in c.events]
+    assert len(steps) == len(labels) and all(s.name == "append_alert" for s in steps)  # one script per final
+    assert got == [("raised", "u3", 4), ("cleared", "u5", 6)]
+    assert [r["label"] for r in store.history("c1")] == labels and [r["seq"] for r in store.history("c1")] == [1, 2, 3, 4, 5, 6, 7]
+    stored = engine.events("c1")
+    assert [(e.kind, e.utterance_id) for e in stored] == [("raised", "u3"), ("cleared", "u5")]
+
+    again = engine.append("c1", _record(3, "Customer", "anger"))  # the reply of the first commit was lost
+    assert not again.stored and again.seq == 4
+    assert [e.to_dict() for e in again.events] == [stored[0].to_dict()]
+    assert not engine.append("c1", _record(2, "Customer", "neutral")).events  # a duplicate that caused nothing
+    assert [(e.kind, e.utterance_id) for e in engine.events("c1")] == [("raised", "u3"), ("cleared", "u5")]
+    assert len(store.history("c1")) == len(labels)
+
+
+def test_append_of_an_interim_or_an_unwatched_speaker_is_a_plain_append_and_bad_records_touch_nothing(store):
+    engine = SyncAlertEngine(store, EscalationConfig(speakers=["Customer"], window=2, raise_at=1, clear_at=0))
+    agent = engine.append("c2", _record(0, "Agent", "anger"))
+    interim = engine.append("c2", _record(1, "Customer", "anger", is_final=False, refine=True))
+    assert agent.stored and interim.stored and not agent.events and not interim.events
+    assert engine.state("c2", ["Agent", "Customer"]) == {}
+    given = engine.append("c2", _record(2, "Customer", "anger", seq=41))  # a record that brings its seq keeps it
+    assert given.seq == 41 and [(e.kind, e.seq) for e in given.events] == [("raised", 41)]
+    before = store.redis.dbsize()
+    with pytest.raises(ValueError):
+        engine.append("c2", _record(3, "Customer", "furious"))
+    with pytest.raises(ValueError):
+        engine.append("c2", {**_record(4, "Customer", "anger"), "start_ms": "soon"})
+    assert store.redis.dbsize() == before
+
+
+def test_async_append_with_the_outbox_queues_the_event_for_webhooks(redis_server):
+    async def go():
+        prefix = f"t{uuid.uuid4().hex[:8]}"
+        async with AsyncConversationStore(redis_server.url, StoreConfig(key_prefix=prefix), MELD7, tenant="acme") as s:
+            engine = AlertEngine(s, EscalationConfig(window=1, raise_at=1, clear_at=0), outbox=True)
+            c = await engine.append("c3", _record(0, "Customer", "fear"))
+            outbox = await s.redis.xrange(alert_outbox_key(prefix))
+            return c, outbox
+    c, outbox = asyncio.run(go())
+    assert [e.kind for e in c.events] == ["raised"] and c.events[0].tenant == "acme"
+    assert len(outbox) == 1 and outbox[0][1][b"alert_id"].decode() == c.events[0].alert_id
+
+
+def test_read_since_gives_records_and_alert_events_from_one_read_and_resumes_after_either(store):
+    engine = SyncAlertEngine(store, EscalationConfig(window=2, raise_at=2, clear_at=0))
+    for i, label in enumerate(["anger", "fear", "joy", "neutral"]):
+        engine.append("c4", _record(i, "Customer", label))
+    records, events = engine.read_since("c4")
+    assert [r["utterance_id"] for r in records] == ["u0", "u1", "u2", "u3"]
+    assert [(e.kind, e.utterance_id, e.conversation_id, e.tenant) for e in events] == [
+        ("raised", "u1", "c4", "default"), ("cleared", "u3", "c4", "default")]
+    records, events = engine.read_since("c4", records[1]["entry_id"], events[0].entry_id)
+    assert [r["utterance_id"] for r in records] == ["u2", "u3"] and [e.kind for e in events] == ["cleared"]
+    assert engine.read_since("c4", records[-1]["entry_id"], events[-1].entry_id, block_ms=50) == ([], [])
+    with pytest.raises(ValueError, match="alerts_after"):
+        engine.read_since("c4", "0-0", "yesterday")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import start_test_service
+from tests.labelled_model import ANGRY, CALM, train_anger_neutral
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
 
@@ -29,22 +30,6 @@ CHROMIUM = os.environ.get("TRACKER_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-ANGRY = [
-    "This is absolutely unacceptable and I am furious!",
-    "I have been waiting for an hour, this is outrageous!",
-    "Stop wasting my time, you people are useless!",
-    "I am sick and tired of your lies!",
-    "Give me my money back right now, I am livid!",
-    "This is the worst service I have ever had, I am so angry!",
-]
-CALM = [
-    "Thank you, that sounds fine.",
-    "Could you please check my account balance?",
-    "Sure, let me look that up for you.",
-    "The order number is one two three four.",
-    "Okay, I understand, have a nice day.",
-    "Yes, the address is still the same.",
-]
 SPEAKERS = ["Customer", "Agent"]
 ALERT = {"k": 3, "m": 4, "clear": 1}
 
@@ -75,43 +60,7 @@ REWIND_AFTER = 9  # and dropped again with the cursor forgotten, so the server r
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_backbone):
     """A real tiny model trained to label ANGRY `anger` and CALM `neutral` (text only, no context)."""
-    import torch
-
-    from tracker.config import load_dataclass
-    from tracker.model.inputs import UtteranceInput
-    from tracker.model.recognizer import EmotionRecognizer
-    from tracker.training.config import TrainConfig
-    from tracker.training.trainer import Trainer
-
-    tmp = tmp_path_factory.mktemp("dash-train")
-    rows = []
-    for i, (text, label) in enumerate([(t, "anger") for t in ANGRY] + [(t, "neutral") for t in CALM]):
-        for speaker in SPEAKERS:
-            rows.append({"conversation_id": f"c{i}-{speaker}", "utterance_id": f"u{i}-{speaker}",
-                         "speaker": speaker, "text": text, "label": label})
-    data = tmp / "calls.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    steps = 150
-    cfg = load_dataclass(TrainConfig, {
-        "name": "dash", "output_dir": str(tmp),
-        "model": {"backbone": "tiny", "dtype": "fp32", "head": "linear", "prompt": {"context_turns": 0},
-                  "adapter": {"d_model": 32, "n_pseudo_tokens": 4}},
-        "train": [{"spec": str(data), "repeat": 4}],
-        "dev": [{"spec": str(data)}],
-        "epochs": 100, "max_steps": steps, "eval_every_steps": steps,  # one evaluation, at the end
-        "batch_size": 8, "lr": 0.01, "warmup_ratio": 0.0, "class_weighting": "none",
-        "autocast_bf16": False, "checkpoint_minutes": 60,
-    })
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, recognizer=EmotionRecognizer(tiny_backbone, cfg.model), progress=False)
-    trainer.fit(resume=False)
-    best = tmp / "dash" / "best"
-    model = EmotionRecognizer.from_pretrained(best, backbone=tiny_backbone)
-    items = [(t, s, lab) for t, lab in [(t, "anger") for t in ANGRY] + [(t, "neutral") for t in CALM] for s in SPEAKERS]
-    preds = model.predict([UtteranceInput(t, s) for t, s, _ in items])
-    wrong = [(t, s, lab, p.label) for (t, s, lab), p in zip(items, preds) if p.label != lab]
-    assert not wrong, f"the tiny model did not learn its sentences: {wrong}"
-    return best
+    return train_anger_neutral(tmp_path_factory.mktemp("dash-train"), tiny_backbone, SPEAKERS)
 
 
 @pytest.fixture(scope="module")

@@ -288,6 +288,9 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refiner", default=None,
                    help="conversation-level refinement: 'default' (the shipped refiner) or a refiner directory; "
                         "labels then come as interim, then final")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port where Prometheus scrapes the service's metrics (Ray's metrics export port, "
+                        "http://HOST:PORT/metrics; default: a free port, printed at start; docs/operations.md)")
     p.add_argument("--ephemeral", action="store_true",
                    help="the embedded Redis keeps nothing: history and API keys are gone when the service stops "
                         "(default: kept in the cache directory with Redis's append-only file)")
@@ -307,11 +310,13 @@ def _start_service(args: argparse.Namespace):
     if getattr(args, "refiner", None):
         service.args = {**service.args, "refine": {**service.args.get("refine", {}), "checkpoint": args.refiner}}
     service.api_key = read_state().get("api_key")
+    if getattr(args, "metrics_port", None):
+        service.metrics_port = args.metrics_port
     if not getattr(args, "ephemeral", False):
         service.redis_dir, service.key_file = redis_data_dir(), key_path()
     service.start()
     write_state(http_url=service.http_url, ws_url=service.ws_url, redis_url=service.redis_url, api_key=service.api_key,
-                pid=os.getpid())
+                pid=os.getpid(), metrics_url=service.metrics_url)
     return service
 
 
@@ -356,6 +361,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serving: WebSocket {service.ws_url}")
         print(f"         REST      {service.http_url}/v1/conversations   docs {service.http_url}/docs")
         print(f"         dashboard {service.http_url}/")
+        if service.metrics_url:
+            print(f"         metrics   {service.metrics_url}   (Prometheus)")
         _print_key(service)
         print(_storage_note(service))
         print(f"Ctrl-C or SIGTERM (kill {os.getpid()}) stops it.", flush=True)

@@ -1,10 +1,13 @@
 /* The live supervisor dashboard: conversation list, per-speaker emotion timeline, badges,
  * transcript and escalation alerts. Plain JS, no build step; uPlot draws the timeline.
  *
- * Data: GET v1/dashboard/config (labels, valence, alert rule), GET v1/conversations (polled),
- * WebSocket v1/watch?conversation_id=..&after=ENTRY_ID (stored results, then live ones).
- * The watch socket reconnects with backoff and resumes after the last entry id it saw; results
- * are deduplicated by (utterance_id, is_final), so a replay never shows an utterance twice.
+ * Data: GET v1/dashboard/config (labels, valence, the server's alert rule), GET v1/conversations
+ * (polled), WebSocket v1/watch?conversation_id=..&after=ENTRY_ID&alerts_after=ENTRY_ID (stored
+ * results and alert events, then live ones). Escalation alerts are the server's `alert` events
+ * (raised / cleared, computed when each final is committed); the page never decides them itself.
+ * The watch socket reconnects with backoff and resumes after the last entry ids it saw; results
+ * are deduplicated by (utterance_id, is_final) and alerts by alert_id, so a replay never shows
+ * anything twice.
  */
 (function () {
   "use strict";
@@ -103,7 +106,7 @@
     labels: ["neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear"],
     negative: ["anger", "sadness", "disgust", "fear"],
     valence: { neutral: 0, joy: 0.8, surprise: 0.2, anger: -0.7, sadness: -0.7, disgust: -0.6, fear: -0.6 },
-    alert: { k: 3, m: 4, clear: 1 },
+    alert: { k: 3, m: 4, clear: 1, speakers: [] }, // the server's rule, for display only
   };
   const colorOf = {};
 
@@ -263,6 +266,9 @@
       order: 0,
       seen: new Set(), // "utterance_id|f" / "utterance_id|p"
       lastEntryId: "0-0",
+      lastAlertId: "0-0",
+      alertIds: new Set(), // alert events already applied
+      alertEvents: {}, // speaker -> the latest alert event from the server
       ws: null,
       gen: 0,
       backoff: BACKOFF_MIN_MS,
@@ -317,7 +323,8 @@
   function connect(state) {
     if (conv !== state) return;
     const gen = ++state.gen;
-    const url = wsUrl(`v1/watch?conversation_id=${encodeURIComponent(state.id)}&after=${encodeURIComponent(state.lastEntryId)}`);
+    const url = wsUrl(`v1/watch?conversation_id=${encodeURIComponent(state.id)}` +
+      `&after=${encodeURIComponent(state.lastEntryId)}&alerts_after=${encodeURIComponent(state.lastAlertId)}`);
     let ws;
     try {
       ws = new WebSocket(url, wsProtocols());
@@ -387,10 +394,11 @@
       // (the server may put a whole traceback in `message`: show its last line only)
       const lines = String(msg.message || "error").split("\n").map((l) => l.trim()).filter(Boolean);
       state.error = (lines[lines.length - 1] || "error").slice(0, 160);
-      if (msg.code === 4002) state.lastEntryId = "0-0"; // a bad cursor: start over, dedupe keeps it clean
+      if (msg.code === 4002) { state.lastEntryId = "0-0"; state.lastAlertId = "0-0"; } // a bad cursor: start over
       renderHeader();
       return;
     }
+    if (msg.type === "alert") return onAlert(state, msg);
     if (msg.type !== "utterance" || !msg.utterance_id) return;
     state.error = null;
     if (msg.conversation_id && msg.conversation_id !== state.id) return;
@@ -408,6 +416,20 @@
     scheduleRender();
   }
 
+  /* An escalation alert raised or cleared by the server (stored with the conversation in Redis). */
+  function onAlert(state, msg) {
+    if (!msg.alert_id || !msg.speaker || (msg.conversation_id && msg.conversation_id !== state.id)) return;
+    if (msg.entry_id && entryIdGreater(msg.entry_id, state.lastAlertId)) state.lastAlertId = msg.entry_id;
+    if (state.alertIds.has(msg.alert_id)) return; // a replay after reconnecting
+    state.alertIds.add(msg.alert_id);
+    const prev = state.alertEvents[msg.speaker];
+    if (prev && entryIdGreater(prev.entry_id, msg.entry_id)) return; // older than what is shown
+    state.alertEvents[msg.speaker] = msg;
+    state.alertChanges.push({ speaker: msg.speaker, raised: msg.kind === "raised", utterance_id: msg.utterance_id,
+                              alert_id: msg.alert_id, at: Date.now() });
+    scheduleRender();
+  }
+
   // ------------------------------------------------------------------ derived state
   function finalsBySpeaker(state) {
     const out = new Map();
@@ -420,21 +442,14 @@
     return out;
   }
 
-  /* Escalation with hysteresis, replayed over a speaker's finals in order: raise when at least
-   * k of the last m labels are negative; once raised, clear only when at most `clear` are. */
-  function escalation(finals) {
-    const { k, m, clear } = config.alert;
-    const negative = new Set(config.negative);
-    let raised = false;
-    let since = null;
-    for (let i = 0; i < finals.length; i++) {
-      const recent = finals.slice(Math.max(0, i + 1 - m), i + 1);
-      const neg = recent.filter((f) => negative.has(f.label)).length;
-      if (!raised && neg >= k) { raised = true; since = finals[i]; }
-      else if (raised && neg <= clear) { raised = false; since = null; }
-    }
-    const recent = finals.slice(-m);
-    return { raised, since, window: recent, neg: recent.filter((f) => negative.has(f.label)).length };
+  /* A speaker's escalation as the server reported it (its latest alert event), and the window of
+   * recent finals for display (the rule's own negative labels, from /v1/dashboard/config). */
+  function escalation(state, speaker, finals) {
+    const ev = state.alertEvents[speaker];
+    const negative = new Set(config.alert.negative || config.negative);
+    const recent = finals.slice(-config.alert.m);
+    return { raised: !!ev && ev.kind === "raised", event: ev || null, window: recent,
+             neg: recent.filter((f) => negative.has(f.label)).length };
   }
 
   function speakersOf(state, finalsMap) {
@@ -490,10 +505,7 @@
     box.replaceChildren(...speakers.map((s, i) => {
       const finals = finalsMap.get(s) || [];
       const last = finals[finals.length - 1];
-      const esc = escalation(finals);
-      if ((state.alerts[s] || false) !== esc.raised) {
-        state.alertChanges.push({ speaker: s, raised: esc.raised, utterance_id: last ? last.utterance_id : null, at: Date.now() });
-      }
+      const esc = escalation(state, s, finals);
       state.alerts[s] = esc.raised;
       const style = SPEAKER_STYLES[i % SPEAKER_STYLES.length];
       const badge = last
@@ -507,7 +519,7 @@
       const alert = esc.raised
         ? h("div", { class: "alert", role: "alert", "data-testid": `alert-${s}` },
             h("strong", { text: "Escalation" }),
-            ` ${esc.neg} of the last ${esc.window.length} utterances negative`)
+            ` ${esc.event.negative} of the last ${esc.event.window} utterances negative`)
         : null;
       return h("div", { class: "card speaker-card" + (esc.raised ? " alerting" : ""), "data-speaker": s, "data-testid": `speaker-${s}` },
         h("div", { class: "sc-top" },
@@ -696,7 +708,7 @@
       const o = opts || {};
       if (!conv || !conv.ws) return false;
       if (o.pauseMs) conv.pauseUntil = Date.now() + o.pauseMs;
-      if (o.rewind) conv.lastEntryId = "0-0";
+      if (o.rewind) { conv.lastEntryId = "0-0"; conv.lastAlertId = "0-0"; }
       conv.ws.close(4000, "dropped by dropConnection()");
       return true;
     },

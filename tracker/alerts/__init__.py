@@ -10,11 +10,11 @@
 docs/alerts.md describes the rule, the events and the webhook requests.
 """
 
-from tracker.alerts.engine import AlertEngine, SyncAlertEngine
+from tracker.alerts.engine import AlertEngine, Committed, SyncAlertEngine
 from tracker.alerts.rule import AlertEvent, EscalationConfig, EscalationRule, SpeakerAlertState, alert_id
 from tracker.alerts.webhooks import (Delivery, WebhookConfig, WebhookDispatcher, WebhookEndpoint, sign,
                                      verify_signature)
 
-__all__ = ["AlertEngine", "AlertEvent", "Delivery", "EscalationConfig", "EscalationRule", "SpeakerAlertState",
+__all__ = ["AlertEngine", "AlertEvent", "Committed", "Delivery", "EscalationConfig", "EscalationRule", "SpeakerAlertState",
            "SyncAlertEngine", "WebhookConfig", "WebhookDispatcher", "WebhookEndpoint", "alert_id", "sign",
            "verify_signature"]

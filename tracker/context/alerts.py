@@ -9,10 +9,10 @@ events), ``P:conv:C:spk:S:alert`` (HASH, the rule's state for a speaker) and, wh
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
-from .ops import Batch, Call, Eval, Op, _one
-from .schema import Keys, StoreConfig, alert_outbox_key, as_str, check_id, decode_hash
+from .ops import _ENTRY_ID, Batch, Call, Eval, Op, _one, committed_record
+from .schema import Keys, StoreConfig, alert_outbox_key, as_str, check_id, decode_entries, decode_hash
 
 ALERTS_MAXLEN = 10_000  # per conversation (approximate trimming)
 OUTBOX_MAXLEN = 100_000  # all tenants; a dispatcher that is down this long loses the oldest
@@ -50,6 +50,45 @@ class AlertOps:
                 "utterance_id": utterance_id, "seq": str(seq), "negative": n, "window": str(window), "labels": labels,
                 "at_ms": at_ms, "entry_id": entry_id}
 
+    def append_step(self, append: Eval, record: Mapping[str, Any], negative: bool | None, window: int, raise_at: int,
+                    clear_at: int, outbox: bool = False) -> Op[tuple[bool, dict[str, Any], dict[str, Any] | None]]:
+        """Store a record and, for a final of a watched speaker, step its alert: one script, one round trip.
+
+        `append` is `Ops.append_eval(conversation_id, record)`; `negative` is None when the rule does
+        not look at this record (an interim, an unwatched speaker), which then is a plain append.
+        Returns ``(stored_now, the stored record, event fields or None)``: the record with its ``seq``
+        and ``entry_id`` (`tracker.context.ops.committed_record`); for a duplicate (a retried commit)
+        the record stored first and the event the first commit caused, if any, so a retry sends the
+        same result and events.
+        """
+        if append.name != "append":
+            raise ValueError(f"append_step needs the append script's run, got {append.name!r}")
+        record_seq = record.get("seq")
+        if record_seq is not None and (isinstance(record_seq, bool) or not isinstance(record_seq, int) or record_seq < 0):
+            raise ValueError(f"seq must be an int >= 0, got {record_seq!r}")
+        cid = check_id(record["conversation_id"], "conversation_id")
+        speaker = check_id(record["speaker"], "speaker")
+        uid = check_id(record["utterance_id"], "utterance_id")
+        if negative is None:
+            keys: tuple[str, ...] = append.keys
+            args: tuple[Any, ...] = (len(append.args), "0", *append.args)
+        else:
+            keys = (*append.keys, self.keys.alert_state(cid, speaker), self.keys.alerts(cid), self.outbox)
+            args = (len(append.args), "1", *append.args, uid, record["label"], "1" if negative else "0", window,
+                    raise_at, clear_at, self.config.ttl_seconds, ALERTS_MAXLEN, "1" if outbox else "0", OUTBOX_MAXLEN,
+                    self.tenant, cid, speaker, "" if record_seq is None else str(record_seq))
+        reply = yield Eval("append_alert", keys, args)
+        stored = bool(int(reply[0]))
+        out = committed_record(cid, record, reply[:3])
+        seq = out.get("seq")
+        if len(reply) < 5 or int(reply[3]) == 0:
+            return stored, out, None
+        _, _, _, _, _, kind, alert_id, alert_entry, at_ms, n, labels = reply
+        return stored, out, {
+            "alert_id": as_str(alert_id), "kind": as_str(kind), "tenant": self.tenant, "conversation_id": cid,
+            "speaker": speaker, "utterance_id": uid, "seq": str(seq), "negative": as_str(n), "window": str(window),
+            "labels": as_str(labels), "at_ms": as_str(at_ms), "entry_id": as_str(alert_entry)}
+
     def events(self, conversation_id: str, after: str = "0-0", count: int = 1000) -> Op[list[dict[str, str]]]:
         """The conversation's alert events after stream id `after`, oldest first, each with its ``entry_id``."""
         cid = check_id(conversation_id, "conversation_id")
@@ -61,6 +100,34 @@ class AlertOps:
             f["entry_id"] = as_str(entry_id)
             out.append(f)
         return out
+
+    def read_since(self, conversation_id: str, after: str = "0-0", alerts_after: str = "0-0",
+                   block_ms: int | None = None, count: int = 100) -> Op[tuple[list[dict], list[dict[str, str]]]]:
+        """``(records, alert events)`` stored after the two stream ids, from one XREAD of both streams
+        (a watcher's feed: it waits up to `block_ms` for either). Events carry ``entry_id``."""
+        cid = check_id(conversation_id, "conversation_id")
+        for name, value in (("after", after), ("alerts_after", alerts_after)):
+            if not isinstance(value, str) or not _ENTRY_ID.match(value or "0-0"):
+                raise ValueError(f"{name} must be a stream id like '1700000000000-0', got {value!r}")
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        stream, alerts = self.keys.stream(cid), self.keys.alerts(cid)
+        (raw,) = yield _one(Call("xread", ({stream: after or "0-0", alerts: alerts_after or "0-0"},),
+                                 {"count": count, "block": block_ms}))
+        items = raw.items() if isinstance(raw, Mapping) else (raw or ())
+        records: list[dict] = []
+        events: list[dict[str, str]] = []
+        for key, entries in items:
+            if entries and isinstance(entries[0], list) and entries[0] and isinstance(entries[0][0], (list, tuple)):
+                entries = entries[0]  # RESP3 on some redis-py versions
+            if as_str(key) == stream:
+                records += decode_entries(entries)
+            else:
+                for entry_id, fields in entries:
+                    f = decode_hash(fields)
+                    f.update(tenant=self.tenant, conversation_id=cid, entry_id=as_str(entry_id))
+                    events.append(f)
+        return records, events
 
     def state(self, conversation_id: str, speakers: list[str]) -> Op[dict[str, dict[str, Any]]]:
         """Per speaker: whether the alert is up, since which utterance, and the window's labels."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Generator, Mapping, TypeVar, Union
+from typing import Any, Generator, Mapping, Sequence, TypeVar, Union
 
 from tracker.context_window import window_length
 from tracker.labels import LabelSet
@@ -69,6 +69,19 @@ def _one(call: Call) -> Batch:
     return Batch((call,))
 
 
+def committed_record(conversation_id: str, record: Mapping[str, Any], reply: Sequence[Any]) -> dict:
+    """The stored record from the append script's reply (`Ops.append_eval`): `record` with the ``seq``
+    the script assigned and its ``entry_id``, or, for a duplicate, the copy stored first."""
+    stored, entry_id = bool(int(reply[0])), as_str(reply[1])
+    if not stored and len(reply) > 2 and reply[2]:
+        return {**decode_entry(entry_id, reply[2]), "conversation_id": conversation_id}
+    out = dict(record)
+    if stored and len(reply) > 2 and as_str(reply[2]):
+        out["seq"] = int(as_str(reply[2]))
+    out["entry_id"] = entry_id
+    return out
+
+
 class Ops:
     """The operations of a `ConversationStore` for one key prefix and tenant."""
 
@@ -81,10 +94,19 @@ class Ops:
     # -- writes ------------------------------------------------------------------------------
 
     def append(self, conversation_id: str, record: Mapping[str, Any]) -> Op[tuple[bool, str]]:
+        reply = yield self.append_eval(conversation_id, record)
+        return bool(int(reply[0])), as_str(reply[1])
+
+    def append_eval(self, conversation_id: str, record: Mapping[str, Any]) -> Eval:
+        """The append script's run for `record` (validated and encoded here; raises ValueError).
+
+        Its reply is ``[1, entry_id, seq]`` when stored now, ``[0, entry_id, fields of the first copy]``
+        for a duplicate (see `committed_record`); `tracker.context.alerts.AlertOps.append_step` folds it
+        into one script with the alert step.
+        """
         cid = check_id(conversation_id, "conversation_id")
         enc = encode_record(record, self.label_set)
-        reply = yield Eval("append", tuple(self.keys.append_keys(cid, enc.speaker)), self._append_args(cid, enc))
-        return bool(int(reply[0])), as_str(reply[1])
+        return Eval("append", tuple(self.keys.append_keys(cid, enc.speaker)), self._append_args(cid, enc))
 
     def _append_args(self, cid: str, enc: EncodedRecord) -> tuple[Any, ...]:
         c = self.config
@@ -110,17 +132,8 @@ class Ops:
         The script assigns ``seq`` (unless the record carries one); a duplicate returns the record
         stored first (or `record` itself if that one was trimmed away by MAXLEN).
         """
-        cid = check_id(conversation_id, "conversation_id")
-        enc = encode_record(record, self.label_set)
-        reply = yield Eval("append", tuple(self.keys.append_keys(cid, enc.speaker)), self._append_args(cid, enc))
-        stored, entry_id = bool(int(reply[0])), as_str(reply[1])
-        if not stored and len(reply) > 2 and reply[2]:
-            return {**decode_entry(entry_id, reply[2]), "conversation_id": cid}
-        out = dict(record)
-        if stored and len(reply) > 2 and as_str(reply[2]):
-            out["seq"] = int(as_str(reply[2]))
-        out["entry_id"] = entry_id
-        return out
+        reply = yield self.append_eval(conversation_id, record)
+        return committed_record(check_id(conversation_id, "conversation_id"), record, reply)
 
     def end_conversation(self, conversation_id: str) -> Op[bool]:
         cid = check_id(conversation_id, "conversation_id")

@@ -31,9 +31,7 @@ end
 # Returns {1, entry_id, seq} when stored now (seq as stored: the caller's, else assigned here),
 # {0, entry_id of the first copy, its field/value list} for a duplicate (empty once trimmed away),
 # so a commit learns what is stored in one round trip.
-APPEND = (
-    _FMT
-    + """
+APPEND_BODY = """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then
   local e = redis.call('XRANGE', KEYS[2], existing, existing)
@@ -89,7 +87,7 @@ if final then
 end
 return {1, id, seq}
 """
-)
+APPEND = _FMT + APPEND_BODY
 
 # KEYS: 1 meta, 2 conversations. ARGV: 1 conversation id. Returns 1, or 0 if unknown.
 # TTLs are left alone: the conversation expires a TTL after its last utterance, as a whole.
@@ -131,9 +129,7 @@ return 0
 #       9 alerts maxlen, 10 write outbox (1/0), 11 outbox maxlen, 12 tenant, 13 conversation id, 14 speaker
 # Returns {0, raised} when nothing changed or the final was already applied (seq <= last_seq),
 # else {1, raised, kind, alert_id, entry_id, at_ms, negative, labels_json}.
-ALERT_STEP = (
-    _FMT
-    + """
+ALERT_STEP_BODY = """
 local seq = tonumber(ARGV[1])
 local last = redis.call('HGET', KEYS[1], 'last_seq')
 local raised = redis.call('HGET', KEYS[1], 'raised') == '1'
@@ -179,6 +175,52 @@ if ARGV[10] == '1' then
 end
 return {1, raised and 1 or 0, kind, alert_id, id, nows, n, labels_json}
 """
+ALERT_STEP = _FMT + ALERT_STEP_BODY
+
+# A final committed and the escalation rule stepped in one script (one round trip, atomic): the
+# append above, then, when it stored the record now and ARGV[2] is 1, the alert step with the seq
+# the append used. A duplicate (a retried commit) steps nothing and returns the record stored first
+# (as the append does) and the event the first commit caused, if any, from the alert stream.
+# KEYS: 1..9 the append's, 10..12 the alert step's.
+# ARGV: 1 number of append args (n), 2 step (1/0), 3..n+2 the append's ARGV, then the alert step's
+#       ARGV 2.. (its seq, ARGV 1, is the append's).
+# Returns {stored, entry_id, seq (stored now) or the first copy's field/value list (a duplicate), changed,
+# raised, kind, alert_id, alert_entry_id, at_ms, negative, labels_json} (fields after `changed` only when it is 1).
+APPEND_ALERT = (
+    _FMT
+    + "local function append_record(KEYS, ARGV)\n" + APPEND_BODY + "\nend\n"
+    + "local function alert_step(KEYS, ARGV)\n" + ALERT_STEP_BODY + "\nend\n"
+    + """
+local n = tonumber(ARGV[1])
+local akeys, aargv = {}, {}
+for i = 1, 9 do akeys[i] = KEYS[i] end
+for i = 1, n do aargv[i] = ARGV[i + 2] end
+local r = append_record(akeys, aargv)
+if ARGV[2] ~= '1' then return r end
+local utterance_id = ARGV[n + 3]
+if r[1] == 0 then
+  -- a duplicate: the event this final caused the first time, if any (it is among the newest)
+  local recent = redis.call('XREVRANGE', KEYS[11], '+', '-', 'COUNT', 16)
+  for _, e in ipairs(recent) do
+    local f = {}
+    for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+    if f['utterance_id'] == utterance_id and f['speaker'] == ARGV[n + 15] then
+      return {0, r[2], r[3], 1, f['kind'] == 'raised' and 1 or 0, f['kind'], f['alert_id'], e[1], f['at_ms'],
+              tonumber(f['negative']), f['labels']}
+    end
+  end
+  return r
+end
+local seq = r[3]
+if seq == '' then seq = ARGV[n + 3 + 13] end  -- the record brought its seq: the caller passed it
+local sargv = {seq}
+for i = n + 3, #ARGV - 1 do sargv[#sargv + 1] = ARGV[i] end
+local s = alert_step({KEYS[10], KEYS[11], KEYS[12]}, sargv)
+local out = {1, r[2], seq}
+for i = 1, #s do out[#out + 1] = s[i] end
+return out
+"""
 )
 
-SCRIPTS: dict[str, str] = {"append": APPEND, "end": END, "next_seq": NEXT_SEQ, "delete": DELETE, "alert_step": ALERT_STEP}
+SCRIPTS: dict[str, str] = {"append": APPEND, "end": END, "next_seq": NEXT_SEQ, "delete": DELETE, "alert_step": ALERT_STEP,
+                           "append_alert": APPEND_ALERT}

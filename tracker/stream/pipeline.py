@@ -29,6 +29,7 @@ from tracker.stream import protocol as P
 from tracker.types import Turn, UtteranceInput
 
 if TYPE_CHECKING:  # torch behind these: imported by whoever builds a LocalPipeline
+    from tracker.alerts import AlertEngine
     from tracker.audio.modalities import ModalityFeatures
     from tracker.context.store import AsyncConversationStore
 
@@ -196,13 +197,16 @@ class LocalPipeline:
     """The pipeline in this process: recognizer, async store and feature extractor, no Ray.
 
     `features` None = text only. `refiner` (a tracker.model.refine.Refiner) turns on conversation-level
-    refinement (interim, then final labels), as ``refine.checkpoint`` does in the service.
+    refinement (interim, then final labels), as ``refine.checkpoint`` does in the service. `alerts`
+    (a tracker.alerts.AlertEngine over the same store) applies the escalation rule in each commit's
+    script, as the service does; the stored record then carries the ``alerts`` it caused.
     """
 
     def __init__(self, recognizer, store: "AsyncConversationStore", features: "ModalityFeatures | None" = None, *,
                  incremental: bool = True, max_batch_size: int = 8, max_conversations: int = 10_000,
-                 refiner=None, labeler: ModelLabeler | None = None):
+                 refiner=None, labeler: ModelLabeler | None = None, alerts: "AlertEngine | None" = None):
         self.recognizer = recognizer
+        self.alerts = alerts
         self.store = store
         self.extractor = features if features is not None and features.names else None
         self.labeler = labeler or ModelLabeler(recognizer, incremental=incremental)
@@ -231,7 +235,10 @@ class LocalPipeline:
         return await self._batcher.label(self._key(conversation_id), utterance)
 
     async def commit(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        return await self.store.commit(conversation_id, record)
+        if self.alerts is None:
+            return await self.store.commit(conversation_id, record)
+        done = await self.alerts.append(conversation_id, record)  # the append and the rule's step: one script
+        return {**done.record, "alerts": [e.to_dict() for e in done.events]}
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         return await label_utterance(self, conversation_id, job)

@@ -295,3 +295,17 @@ def result_message(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("refined"):  # a final label from conversation-level refinement: what it revised
         msg.update({"interim_label": record.get("interim_label"), "revised": bool(record.get("revised"))})
     return msg
+
+
+ALERT_FIELDS = ("alert_id", "kind", "tenant", "conversation_id", "speaker", "utterance_id", "seq", "negative", "window",
+                "labels", "at_ms", "entry_id")
+
+
+def alert_message(event: dict[str, Any]) -> dict[str, Any]:
+    """The server's `alert` message for an escalation alert raised or cleared (tracker.alerts.AlertEvent.to_dict)."""
+    return {"type": "alert", **{k: event.get(k) for k in ALERT_FIELDS}}
+
+
+def alert_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `alert` messages a stored final caused (its ``alerts``, set by the service's commit), in order."""
+    return [alert_message(e) for e in record.get("alerts") or ()]

@@ -91,10 +91,12 @@ class RefineStage:
         except Exception:
             log.exception("refinement of %s: merge failed; the interim label becomes final", u.utterance_id)
             pred = {"label": interim["label"], "probabilities": interim.get("probabilities"), "score": interim.get("score")}
-        record = {k: v for k, v in interim.items() if k not in ("seq", "entry_id", "created_at")}
+        record = {k: v for k, v in interim.items() if k not in ("seq", "entry_id", "created_at", "alerts")}
         record.update(pred)
         record.update({"is_final": True, "refined": True, "interim_label": interim["label"],
                        "revised": pred["label"] != interim["label"], "judgements": len(u.judgements)})
         stored = await self.pipeline.commit(self.conversation_id, record)
         u.final = True
         await self.send(P.result_message(stored))
+        for alert in P.alert_messages(stored):
+            await self.send(alert)

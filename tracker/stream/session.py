@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
 
 from tracker.stream import protocol as P
 from tracker.audio.pcm import split_channels
@@ -26,6 +27,19 @@ from tracker.audio.vad import Segment, StreamingSegmenter, VadConfig
 from tracker.stream.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+
+class SessionObserver(Protocol):
+    """Optional hooks for the service's metrics (services/metrics.py); calls must be cheap and never raise."""
+
+    def queued(self, delta: int) -> None:
+        """Utterances waiting for labels went up (+1) or down (-1)."""
+
+    def final_sent(self, record: dict[str, Any], seconds_since_release: float) -> None:
+        """A final result left, `seconds_since_release` after its end of speech was known."""
+
+    def error_sent(self, code: int) -> None:
+        """An error message left."""
 
 
 @dataclass
@@ -82,6 +96,7 @@ class _Job:
     sample_rate: int
     channel: int | None = None
     explicit: bool = False  # an `utterance` event: every request gets an answer, even a retry
+    released_at: float = field(default_factory=time.monotonic)  # end of speech known (wall clock, for latency)
 
 
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
@@ -92,8 +107,10 @@ class StreamSession:
     """The server side of one WebSocket stream."""
 
     def __init__(self, pipeline: Pipeline, send: Callable[[dict[str, Any]], Awaitable[None]],
-                 vad: VadConfig | None = None, limits: SessionLimits | None = None):
+                 vad: VadConfig | None = None, limits: SessionLimits | None = None,
+                 observer: SessionObserver | None = None):
         self.pipeline = pipeline
+        self.observer = observer
         self.send = send
         self.vad_config = vad or VadConfig()
         self.limits = limits or SessionLimits()
@@ -109,6 +126,7 @@ class StreamSession:
         self._last_end_ms = 0
         self._stored: list[dict[str, Any]] = []  # final results stored before this (resumed) connection
         self._delivered: set[str] = set()  # utterance ids whose final result the client has
+        self._released_at: dict[str, float] = {}  # refining: when each interim's end of speech was known
         self.results_sent = 0
         self.fatal: P.ProtocolError | None = None
         self._refine = None  # a tracker.stream.refine.RefineStage when the pipeline refines (interim, then final)
@@ -294,6 +312,8 @@ class StreamSession:
         if self._queue.qsize() >= self.limits.max_queue:
             raise P.ProtocolError(P.LIMIT_EXCEEDED, f"more than {self.limits.max_queue} utterances wait for labels; slow down")
         self._queue.put_nowait(job)
+        if self.observer is not None:
+            self.observer.queued(1)
 
     async def _work(self) -> None:
         """Label queued utterances one at a time, so results leave in order with increasing seq."""
@@ -303,6 +323,8 @@ class StreamSession:
             try:
                 if job is None:
                     return
+                if self.observer is not None:
+                    self.observer.queued(-1)
                 if self.start.resume and not job.explicit:
                     # results the previous connection was still storing when it dropped count too
                     self._stored = await self.pipeline.stored_finals(self.start.conversation_id)
@@ -321,11 +343,16 @@ class StreamSession:
                     await self._error(P.ProtocolError(P.PROCESSING_FAILED, f"utterance {job.utterance_id}: {type(cause).__name__}: {str(cause)[:200]}"))
                     continue
                 if self._refine is not None and not record.get("is_final"):
+                    self._released_at[record["utterance_id"]] = job.released_at  # its final comes later
                     await self._interim(record)
                     continue
                 if job.explicit or record["utterance_id"] not in self._delivered:
                     await self.send(P.result_message(record))
                     self.results_sent += 1
+                    for alert in P.alert_messages(record):
+                        await self.send(alert)
+                    if self.observer is not None:
+                        self.observer.final_sent(record, time.monotonic() - job.released_at)
                 self._delivered.add(record["utterance_id"])
             finally:
                 self._queue.task_done()
@@ -340,10 +367,16 @@ class StreamSession:
             await self._error(P.ProtocolError(P.PROCESSING_FAILED, f"utterance {record['utterance_id']}: refinement: {type(exc).__name__}"))
 
     async def _send_final(self, message: dict[str, Any]) -> None:
-        """A refined final label (from the RefineStage)."""
+        """A refined final label (from the RefineStage), or an alert it caused."""
+        if message.get("type") == "alert":
+            await self.send(message)
+            return
         if message["utterance_id"] not in self._delivered:
             await self.send(message)
             self.results_sent += 1
+            released = self._released_at.pop(message["utterance_id"], None)
+            if self.observer is not None and released is not None:
+                self.observer.final_sent(message, time.monotonic() - released)
         self._delivered.add(message["utterance_id"])
 
     async def _finish_refinement(self) -> None:
@@ -384,6 +417,8 @@ class StreamSession:
                 await self._finish_refinement()
 
     async def _error(self, exc: P.ProtocolError) -> None:
+        if self.observer is not None:
+            self.observer.error_sent(exc.code)
         if exc.fatal:
             self.fatal = exc
         await self.send(exc.to_message())
