@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from tracker.audio.asr import AsrConfig
 from tracker.audio.features import FeatureExtractorConfig
 from tracker.audio.vad import VadConfig
 from tracker.config import ConfigError, load_dataclass
@@ -82,6 +83,25 @@ class RefineServing:
 
 
 @dataclass
+class SpeechServing(AsrConfig):
+    """The recognizer the FeatureExtractor runs when `asr` is on (tracker.audio.asr.AsrConfig) and its batching:
+    utterances of all conversations wait up to `batch_wait_timeout_s` to share one recognizer pass."""
+
+    threads: int = 1  # CTranslate2 threads per FeatureExtractor replica
+    batch_wait_timeout_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_wait_timeout_s < 0:
+            raise ConfigError(f"batch_wait_timeout_s: must be >= 0, got {self.batch_wait_timeout_s!r}")
+
+    def asr_config(self) -> AsrConfig:
+        from dataclasses import fields
+
+        return AsrConfig(**{f.name: getattr(self, f.name) for f in fields(AsrConfig)})
+
+
+@dataclass
 class Deployments:
     ingress: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256))
     feature_extractor: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.2))
@@ -103,8 +123,15 @@ class AppConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     deployments: Deployments = field(default_factory=Deployments)
     refine: RefineServing = field(default_factory=RefineServing)
+    # speech recognition of segments without a client transcript: on | off | auto (on when the model's
+    # weights and faster-whisper are installed); `speech` says which Whisper and how it runs
+    asr: str | bool = "auto"
+    speech: SpeechServing = field(default_factory=SpeechServing)
 
     def __post_init__(self) -> None:
+        from tracker.audio.hearing import asr_mode
+
+        self.asr = asr_mode(self.asr)
         if self.deployments.emotion_model.max_ongoing_requests < self.model.max_batch_size:
             raise ConfigError(
                 "deployments.emotion_model.max_ongoing_requests: must be at least model.max_batch_size "

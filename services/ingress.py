@@ -52,7 +52,7 @@ class ServePipeline:
     def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle, context_turns: int,
                  tenant: str = "default", max_conversations: int = 10_000, stats: dict[str, int] | None = None,
                  refiner: DeploymentHandle | None = None, refine_info: dict[str, Any] | None = None,
-                 context_min_turns: int | None = None):
+                 context_min_turns: int | None = None, asr: bool = False, speaker_norm: bool = False):
         self.features = features
         self.model = model
         self.context = context
@@ -63,6 +63,12 @@ class ServePipeline:
         self.refiner = refiner
         self.refine_info = refine_info  # set when conversation-level refinement is on (services/refinement.py)
         self.context_min_turns = context_min_turns  # the window slides in blocks (tracker.model.context_window)
+        self.asr = asr  # speech recognition of segments without a client transcript (StreamSession, listen)
+        self.speaker_norm = speaker_norm  # the model normalises modalities per speaker (ContextAggregator keeps the stats)
+
+    async def listen(self, pcm: bytes, sample_rate: int) -> dict[str, Any]:
+        """Features and transcript of one utterance in one request (batched across conversations)."""
+        return await self.features.listen.remote(pcm, sample_rate)
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         """Label and store one utterance; retried while a replica that died mid-request is replaced.
@@ -88,6 +94,8 @@ class ServePipeline:
         if existing is not None:  # a retried utterance: answer with what is stored, label nothing again
             return existing
         async def features():
+            if "audio_features" in job:  # computed with the transcript (listen)
+                return job["audio_features"]
             return await self.features.extract.remote(job["pcm"], job["sample_rate"]) if job.get("pcm") else None
 
         async def context():
@@ -97,6 +105,9 @@ class ServePipeline:
                                                             tenant=t)
 
         feats, context = await asyncio.gather(features(), context())  # independent: one round trip, not two
+        if feats and self.speaker_norm:  # past-only, per (conversation, speaker): stats in Redis, idempotent per utterance
+            feats = await self.context.speaker_normalize.remote(conversation_id, job["speaker"], job["utterance_id"],
+                                                                feats, tenant=t)
         pred = await self.model.label.remote({"text": job["text"], "speaker": job["speaker"], "context": context,
                                               "audio_features": feats,
                                               "conversation_id": f"{t}/{conversation_id}"})  # KV-cache key, per tenant
@@ -106,6 +117,7 @@ class ServePipeline:
             "label": pred["label"], "probabilities": pred["probabilities"], "score": pred["score"],
             "is_final": bool(job.get("is_final", True)),
             "modalities": (["text"] if job["text"].strip() else []) + (["audio"] if feats is not None else []),
+            **{k: job[k] for k in ("text_source", "asr_confidence") if job.get(k) is not None},
         }
         if not record["is_final"]:
             record["refine"] = True  # an interim label awaiting refinement: counts as context (tracker.context.ops)
@@ -153,6 +165,8 @@ class Ingress:
         self.refiner = refiner  # None: refinement off, every label final at once
         self._refine_info: dict[str, Any] | None = None
         self._context_min_turns: int | None = None
+        self._asr: bool | None = None
+        self._speaker_norm = False
         self.open_streams = 0
         self.stats: dict[str, int] = {"replica_retries": 0, "auth_refused": 0, "limit_refused": 0}
         self._open: dict[tuple[str, str], int] = {}  # (route, key id) -> open connections on this replica
@@ -166,11 +180,14 @@ class Ingress:
             info = await self.model.info.remote()
             self._context_turns = int(info["context_turns"])
             self._context_min_turns = info.get("context_min_turns")
+            self._speaker_norm = bool(info.get("speaker_norm"))
+        if self._asr is None:
+            self._asr = bool((await self.features.info.remote())["asr"])
         if self.refiner is not None and self._refine_info is None:
             self._refine_info = await self.refiner.info.remote()
         return ServePipeline(self.features, self.model, self.context, self._context_turns, principal.tenant,
                              self.config.limits.max_conversations_per_tenant, self.stats, self.refiner, self._refine_info,
-                             self._context_min_turns)
+                             self._context_min_turns, self._asr, self._speaker_norm)
 
     # ------------------------------------------------------------------ authentication
     async def _authenticate(self, key: str | None) -> Principal:
