@@ -98,7 +98,7 @@ class Hearing:
 
             self.recognizer = SpeechRecognizer(asr)
         self.seconds = {"features": 0.0, "asr": 0.0}  # totals, for info() and the docs' figures
-        self.counts = {"features": 0, "asr": 0, "asr_batches": 0}
+        self.counts = {"featurized": 0, "recognized": 0, "asr_batches": 0}  # utterances, recognizer calls
 
     @property
     def asr(self) -> bool:
@@ -110,7 +110,7 @@ class Hearing:
         t0 = time.perf_counter()
         out = self.features.from_signal(samples, sample_rate)
         self.seconds["features"] += time.perf_counter() - t0
-        self.counts["features"] += 1
+        self.counts["featurized"] += 1
         return out
 
     def hear(self, requests: Sequence[HearRequest]) -> list[dict[str, Any]]:
@@ -125,7 +125,7 @@ class Hearing:
             heard = self.recognizer.transcribe([(samples[i], requests[i].sample_rate) for i in asked])
             took = time.perf_counter() - t0
             self.seconds["asr"] += took
-            self.counts["asr"] += len(asked)
+            self.counts["recognized"] += len(asked)
             self.counts["asr_batches"] += 1
             for i, tr in zip(asked, heard):
                 out[i]["transcript"] = tr.to_dict()
