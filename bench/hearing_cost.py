@@ -22,6 +22,7 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tracker.audio.asr import AsrConfig, word_error_rate  # noqa: E402
+from tracker.audio.features import FeatureExtractorConfig  # noqa: E402
 from tracker.audio.hearing import Hearing, HearRequest  # noqa: E402
 from tracker.audio.pcm import float_to_int16, resample  # noqa: E402
 
@@ -48,7 +49,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--beam-size", type=int, default=5)
     args = ap.parse_args()
-    hearing = Hearing({s: s for s in args.sources}, asr=AsrConfig(model=args.model, threads=args.threads, beam_size=args.beam_size))
+    hearing = Hearing({s: s for s in args.sources}, FeatureExtractorConfig(use_cache=False),  # as the service: no disk cache
+                      asr=AsrConfig(model=args.model, threads=args.threads, beam_size=args.beam_size))
     print(f"features: {', '.join(args.sources)}; recognizer: {args.model}, {hearing.recognizer.compute_type}, "
           f"{args.threads} thread(s), beam {args.beam_size}")
     for rate in (16000, 8000):
