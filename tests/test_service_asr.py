@@ -110,3 +110,31 @@ def test_client_transcripts_win_in_the_service(service, call8k):
     assert len(finals) == len(TURNS)
     for truth, r in _match(spans, finals):
         assert r["text"] == truth["text"] and r["text_source"] == "client" and "asr_confidence" not in r
+
+
+def test_two_calls_at_once_share_recognizer_batches(service, call8k):
+    """Segments of concurrent conversations reach the FeatureExtractor together and are recognized in shared calls."""
+    from ray import serve
+
+    from clients.stream_client import Recording, stream_recording
+
+    samples, speakers, spans = call8k
+    handle = serve.get_deployment_handle("FeatureExtractor", app_name="tracker")
+    before = handle.info.remote().result()
+
+    async def both():
+        return await asyncio.gather(*(stream_recording(service.ws_url, f"pair-{i}-{uuid.uuid4().hex[:6]}",
+                                                       Recording(samples, RATE, speakers, []), speed=4.0,
+                                                       headers=service.auth_headers) for i in range(2)))
+
+    outs = asyncio.run(both())
+    for out in outs:
+        assert out.errors == []
+        finals = [r for r in out.results if r["is_final"]]
+        assert len(finals) == len(TURNS) and all(r["text_source"] == "asr" for r in finals)
+    after = handle.info.remote().result()
+    n = after["recognized"] - before["recognized"]
+    calls = after["asr_batches"] - before["asr_batches"]
+    assert n == 2 * len(TURNS) and calls <= n
+    print(f"\ntwo calls at once: {n} utterances recognized in {calls} recognizer calls, "
+          f"{(after['asr_seconds'] - before['asr_seconds']) / n:.2f} s per utterance")
