@@ -74,7 +74,8 @@ def main() -> None:
         v = voice_conversation(call)
         recs.append((Recording(v.samples, v.sample_rate, v.speakers,
                                [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in v.utterances]), v.utterances))
-    svc_args = {"model": {"checkpoint": args.checkpoint, "max_batch_size": args.max_batch_size},
+    svc_args = {"asr": "off",  # the call streams its transcripts; as measured in BENCHMARKS.md
+                "model": {"checkpoint": args.checkpoint, "max_batch_size": args.max_batch_size},
                 "deployments": {"emotion_model": {"num_cpus": 1.0, "max_ongoing_requests": max(32, args.max_batch_size)}}}
     with LocalService(port=free_port(), args=svc_args) as svc:
         url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url  # the local API key
