@@ -216,6 +216,37 @@ def test_asr_off_labels_segments_without_transcript_on_audio_only(call8k, hearin
 
 
 @pytest.mark.slow
+def test_utterance_events_with_audio_and_no_text_are_recognized(call8k, hearing):
+    import base64
+
+    from tracker.stream.session import StreamSession
+
+    samples, spans = call8k
+    u = spans[1]
+    pcm = samples[u["start_ms"] * RATE // 1000:u["end_ms"] * RATE // 1000, u["channel"]].astype("<i2").tobytes()
+    pipe, out = LocalPipeline(hearing), []
+
+    async def go():
+        async def send(msg):
+            out.append(msg)
+
+        session = StreamSession(pipe, send)
+        await session.on_text(json.dumps({"type": "start", "conversation_id": "ev", "sample_rate": RATE, "channels": 2,
+                                          "speakers": ["Agent", "Customer"]}))
+        audio = base64.b64encode(pcm).decode()
+        await session.on_text(json.dumps({"type": "utterance", "utterance_id": "a", "speaker": u["speaker"], "audio": audio}))
+        await session.on_text(json.dumps({"type": "utterance", "utterance_id": "b", "speaker": u["speaker"], "audio": audio,
+                                          "text": "Client text."}))
+        await session.on_text(json.dumps({"type": "stop"}))
+
+    asyncio.run(go())
+    a, b = finals(out)
+    assert a["text_source"] == "asr" and word_error_rate(u["text"], a["text"]) <= 0.5
+    assert b["text"] == "Client text." and b["text_source"] == "client"
+    assert pipe.listened == 1
+
+
+@pytest.mark.slow
 def test_hearing_batches_transcripts_and_reports_its_cost(call8k, hearing):
     samples, spans = call8k
     from tracker.audio.hearing import HearRequest
