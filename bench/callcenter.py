@@ -100,7 +100,7 @@ def _in_line_order(X: np.ndarray, who, mean, std) -> np.ndarray:
 
 def full_recognizer(lines: list[dict]) -> tuple[list[str], list[str]]:
     from tracker.model.default import default_checkpoint
-    from tracker.model.inputs import UtteranceInput
+    from tracker.types import UtteranceInput
     from tracker.model.recognizer import EmotionRecognizer
 
     rec = EmotionRecognizer.from_pretrained(default_checkpoint())

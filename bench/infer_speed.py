@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tracker.model.backbone import load_backbone
-from tracker.model.inputs import Turn, UtteranceInput
+from tracker.types import Turn, UtteranceInput
 from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
 
 

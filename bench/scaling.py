@@ -35,9 +35,9 @@ import torch
 
 from tracker.data import load_dataset
 from tracker.model.backbone import load_backbone
-from tracker.model.context_window import window_turns
+from tracker.context_window import window_turns
 from tracker.model.incremental import IncrementalLabeler
-from tracker.model.inputs import Turn, UtteranceInput
+from tracker.types import Turn, UtteranceInput
 from tracker.model.prompt import PromptConfig
 from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
 

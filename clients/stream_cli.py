@@ -9,6 +9,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from tracker.stream import protocol as P
 from clients.stream_client import MicRecording, Recording, load_recording, stream_resumable
 
 
@@ -97,7 +98,7 @@ def run_stream(url: str | None, file: str | None, mic: bool, transcript: str | N
     cid = conversation_id or f"stream-{uuid.uuid4().hex[:8]}"
     view = LiveView()
     if mic:
-        rec: Recording = MicRecording(16000, channels, speakers, device=int(device) if device and device.isdigit() else device)
+        rec: Recording = MicRecording(P.DEFAULT_SAMPLE_RATE, channels, speakers, device=int(device) if device and device.isdigit() else device)
         rec.start()
         speed = 0  # live audio paces itself
         print(f"streaming the microphone as conversation {cid} (Ctrl-C to stop) ...", flush=True)

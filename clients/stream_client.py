@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tracker.stream import protocol as P
+
 
 @dataclass
 class Recording:
@@ -50,8 +52,8 @@ def load_recording(audio_path: str | Path, speakers: list[str] | None = None, tr
     samples = np.asarray(samples)
     if samples.ndim == 1:
         samples = samples[:, None]
-    if rate not in (8000, 16000, 32000, 48000):
-        samples, rate = read_audio(audio_path, dtype="int16", target_rate=16000, mono=False)
+    if rate not in P.SUPPORTED_RATES:
+        samples, rate = read_audio(audio_path, dtype="int16", target_rate=P.DEFAULT_SAMPLE_RATE, mono=False)
         samples = np.asarray(samples).reshape(len(samples), -1)
     ch = samples.shape[1]
     speakers = speakers or [f"Speaker {i + 1}" for i in range(ch)]
@@ -85,7 +87,7 @@ async def stream_recording(
     conversation_id: str,
     recording: Recording,
     speed: float = 1.0,
-    chunk_ms: int = 100,
+    chunk_ms: int = P.FRAME_MS,
     on_message: Callable[[dict[str, Any]], None] | None = None,
     headers: dict[str, str] | None = None,
 ) -> StreamOutcome:
@@ -110,7 +112,7 @@ async def stream_resumable(
     conversation_id: str,
     recording: Recording,
     speed: float = 1.0,
-    chunk_ms: int = 100,
+    chunk_ms: int = P.FRAME_MS,
     on_message: Callable[[dict[str, Any]], None] | None = None,
     max_reconnects: int = 10,
     cut_at_ms: list[int] | None = None,
@@ -128,8 +130,8 @@ async def stream_resumable(
     out = StreamOutcome()
     seen: dict[str, dict[str, Any]] = {}
     cuts = sorted(cut_at_ms or [])
-    rate, ch = recording.sample_rate, recording.channels
-    per_chunk = max(1, rate * chunk_ms // 1000)
+    rate = recording.sample_rate
+    per_chunk = max(1, P.frame_bytes(rate, 1, chunk_ms) // P.SAMPLE_BYTES)  # samples per channel per frame
     attempt = 0
     while True:
         rewind = _rewind_ms(list(seen.values()), recording.speakers) if attempt else 0
@@ -159,11 +161,9 @@ async def stream_resumable(
 
                 task = asyncio.create_task(reader())
                 try:
-                    await ws.send(json.dumps({
-                        "type": "start", "conversation_id": conversation_id, "sample_rate": rate, "encoding": "linear16",
-                        "channels": ch, "speakers": recording.speakers, "resume": attempt > 0,
-                        "offset_ms": rewind, "resume_after_seq": last_seq,
-                    }))
+                    await ws.send(json.dumps(P.start_message(conversation_id, recording.speakers, sample_rate=rate,
+                                                             resume=attempt > 0, offset_ms=rewind,
+                                                             resume_after_seq=last_seq)))
                     first = rewind * rate // 1000
                     pending = sorted((t for t in recording.transcripts if t["end_ms"] > rewind), key=lambda t: t["end_ms"])
                     loop = asyncio.get_running_loop()
@@ -184,14 +184,14 @@ async def stream_resumable(
                             raise ConnectionError("connection cut")
                         await ws.send(np.ascontiguousarray(chunk, dtype="<i2").tobytes())
                         while pending and pending[0]["end_ms"] <= played_ms:
-                            await ws.send(json.dumps({"type": "transcript", **pending.pop(0)}))
+                            await ws.send(json.dumps(_transcript(pending.pop(0))))
                         if speed > 0:
                             wait = t0 + played_ms / 1000 / speed - loop.time()
                             if wait > 0:
                                 await asyncio.sleep(wait)
                     for t in pending:
-                        await ws.send(json.dumps({"type": "transcript", **t}))
-                    await ws.send(json.dumps({"type": "stop"}))
+                        await ws.send(json.dumps(_transcript(t)))
+                    await ws.send(json.dumps(P.stop_message()))
                     await asyncio.wait_for(task, timeout=300)  # returns at `stopped`; raises if the server drops us
                     await ws.close()
                     out.close_code = ws.close_code
@@ -208,10 +208,14 @@ async def stream_resumable(
             await asyncio.sleep(min(5.0, 0.2 * 2 ** (attempt - 1)))
 
 
+def _transcript(t: dict[str, Any]) -> dict[str, Any]:
+    return P.transcript_message(t["speaker"], t["text"], t["start_ms"], t["end_ms"])
+
+
 class MicRecording(Recording):
     """Live microphone audio (sounddevice), buffered so a reconnect can re-send from its rewind point."""
 
-    def __init__(self, sample_rate: int = 16000, channels: int = 1, speakers: list[str] | None = None,
+    def __init__(self, sample_rate: int = P.DEFAULT_SAMPLE_RATE, channels: int = 1, speakers: list[str] | None = None,
                  device: int | str | None = None, max_seconds: float = 4 * 3600):
         import sounddevice as sd
 

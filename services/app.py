@@ -33,32 +33,42 @@ def resolve_redis_url(config: AppConfig) -> str:
     return server.url
 
 
-def verify_checkpoint(config: AppConfig) -> None:
-    """Config JSON and safetensors header of the served checkpoint; raises CheckpointError."""
-    from tracker.model.checkpoint import verify_files
+def resolve_checkpoint(config: AppConfig) -> str:
+    """The served checkpoint's directory (``default`` = the shipped model), resolved once per build."""
     from tracker.model.default import default_checkpoint
 
-    verify_files(default_checkpoint() if config.model.checkpoint == "default" else config.model.checkpoint)
-
-
-def model_label_set(config: AppConfig) -> dict[str, Any]:
-    from tracker.model.checkpoint import read_config
-    from tracker.model.default import default_checkpoint
-
-    path = default_checkpoint() if config.model.checkpoint == "default" else config.model.checkpoint
-    return read_config(path)["label_set"]
+    return str(default_checkpoint()) if config.model.checkpoint == "default" else config.model.checkpoint
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Compose the four deployments; `args` is an AppConfig as a mapping (validated here)."""
+    """Compose the four deployments; `args` is an AppConfig as a mapping (validated here).
+
+    The checkpoint is resolved and verified once here, and the deployments get its path; the context
+    window policy is read from it once and bound into the ContextAggregator.
+    """
+    from ray.serve.config import RequestRouterConfig
+
+    from tracker.config import load_dataclass
+    from tracker.model.checkpoint import read_config, verify_files
+    from tracker.model.prompt import PromptConfig
+
     config = load_app_config(args)
     args = dict(args or {})
-    verify_checkpoint(config)  # a corrupt checkpoint stops the deploy here, with the file and the reason
+    path = resolve_checkpoint(config)
+    verify_files(path)  # a corrupt checkpoint stops the deploy here, with the file and the reason
+    args["model"] = {**(args.get("model") or {}), "checkpoint": path}
+    ckpt = read_config(path)
+    prompt = load_dataclass(PromptConfig, ckpt["recognizer"].get("prompt") or {}, "prompt")
+    window = (prompt.context_turns, prompt.context_min_turns)
     redis_url = resolve_redis_url(config)
     d = config.deployments
     features = FeatureExtractor.options(**d.feature_extractor.ray_options()).bind(args)
-    model = EmotionModel.options(**d.emotion_model.ray_options()).bind(args)
-    context = ContextAggregator.options(**d.context_aggregator.ray_options()).bind(args, redis_url, model_label_set(config))
+    model_options = d.emotion_model.ray_options()
+    if config.model.affinity_routing:
+        model_options["request_router_config"] = RequestRouterConfig(
+            request_router_class="services.routing:ConversationAffinityRouter")
+    model = EmotionModel.options(**model_options).bind(args)
+    context = ContextAggregator.options(**d.context_aggregator.ray_options()).bind(args, redis_url, ckpt["label_set"], window)
     extra = {}
     if config.refine.checkpoint:  # conversation-level refinement: interim, then final labels
         from services.refinement import RefinerModel

@@ -29,7 +29,7 @@ from tracker.config import ConfigError
 KEY_RE = re.compile(r"^trk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-SUBPROTOCOL = "tracker.v1"  # offered by browser clients next to "bearer.<key>"
+from tracker.stream.protocol import SUBPROTOCOL  # noqa: E402  offered by browser clients next to "bearer.<key>"
 BEARER_PROTOCOL_PREFIX = "bearer."
 
 

@@ -57,10 +57,17 @@ class ModelServing:
     # cache between utterances (tracker.model.incremental), at most kv_cache_mb per replica (LRU).
     incremental: bool = True
     kv_cache_mb: int = 1024
+    # A conversation's cache unused this long is dropped (a call that went away without `stop`;
+    # `stop` drops it at once). 0 = only the LRU byte budget evicts.
+    kv_cache_idle_s: float = 900.0
+    # Send each conversation's model calls to the same replica (services.routing), so its cache stays warm.
+    affinity_routing: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_cache_mb < 0:
             raise ConfigError(f"kv_cache_mb: must be >= 0, got {self.kv_cache_mb}")
+        if self.kv_cache_idle_s < 0:
+            raise ConfigError(f"kv_cache_idle_s: must be >= 0, got {self.kv_cache_idle_s}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size: must be >= 1, got {self.max_batch_size}")
         if self.batch_wait_timeout_s < 0:

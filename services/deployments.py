@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,13 +61,19 @@ class FeatureExtractor:
         return await asyncio.to_thread(self.hearing.hear, requests)
 
 
+def checkpoint_path(config: AppConfig) -> Path:
+    """The served checkpoint's directory; ``default`` is resolved here, and `build_app` does it once
+    and hands the deployments the path."""
+    from tracker.model.default import default_checkpoint
+
+    return default_checkpoint() if config.model.checkpoint == "default" else Path(config.model.checkpoint)
+
+
 def served_modalities(config: AppConfig) -> dict[str, str]:
     """{modality name: feature source} of the checkpoint the config serves (read from its config.json)."""
     from tracker.model.checkpoint import read_config
-    from tracker.model.default import default_checkpoint
 
-    path = default_checkpoint() if config.model.checkpoint == "default" else config.model.checkpoint
-    adapter = read_config(path)["recognizer"].get("adapter", {})
+    adapter = read_config(checkpoint_path(config))["recognizer"].get("adapter", {})
     return {m["name"]: m.get("source", "egemaps_lld") for m in adapter.get("modalities", [])}
 
 
@@ -77,45 +83,43 @@ def load_serving_recognizer(config: AppConfig):
 
     from tracker.model.backbone import load_backbone
     from tracker.model.checkpoint import read_config
-    from tracker.model.default import default_checkpoint
     from tracker.model.recognizer import EmotionRecognizer
 
     m = config.model
     if m.num_threads:
         torch.set_num_threads(m.num_threads)
-    path = default_checkpoint() if m.checkpoint == "default" else m.checkpoint
-    backbone = None
-    if m.backbone:
-        backbone = load_backbone(m.backbone, dtype=m.dtype, device=m.device)
-    else:
-        name = read_config(path)["backbone"]
-        backbone = load_backbone(name, dtype=m.dtype, device=m.device)
+    path = checkpoint_path(config)
+    backbone = load_backbone(m.backbone or read_config(path)["backbone"], dtype=m.dtype, device=m.device)
     return EmotionRecognizer.from_pretrained(path, backbone=backbone)
 
 
 @serve.deployment
 class EmotionModel:
-    """Adapter + frozen LLM behind `@serve.batch`: concurrent utterances share one forward pass."""
+    """Adapter + frozen LLM behind `@serve.batch`: concurrent utterances share one forward pass.
+
+    Each conversation's calls carry ``conversation_id`` so that services.routing sends them to the
+    replica that holds its prefix cache (tracker.stream.pipeline.ModelLabeler).
+    """
 
     def __init__(self, args: dict[str, Any]):
+        from tracker.stream.pipeline import ModelLabeler
+        from tracker.types import UtteranceInput
+
         self.config = load_app_config(args)
+        m = self.config.model
         self.recognizer = load_serving_recognizer(self.config)
-        self._label_batch.set_max_batch_size(self.config.model.max_batch_size)
-        self._label_batch.set_batch_wait_timeout_s(self.config.model.batch_wait_timeout_s)
+        self._label_batch.set_max_batch_size(m.max_batch_size)
+        self._label_batch.set_batch_wait_timeout_s(m.batch_wait_timeout_s)
         self.batches = 0
         self.items = 0
         self.in_flight = 0  # utterances this replica accepted and has not answered (waiting for a batch or in one)
-        self.labeler = None  # incremental labelling with per-conversation prefix caches (context_first models)
-        if self.config.model.incremental and self.recognizer.config.prompt.layout == "context_first":
-            from tracker.model.incremental import IncrementalLabeler
+        self.model = ModelLabeler(self.recognizer, incremental=m.incremental, kv_cache_bytes=m.kv_cache_mb << 20,
+                                  cache_idle_s=m.kv_cache_idle_s)
+        self.labeler = self.model.labeler  # incremental labelling with per-conversation prefix caches (context_first)
+        self.recognizer.predict_proba([UtteranceInput("Hello.", "A")])  # warm-up: the first forward allocates
 
-            self.labeler = IncrementalLabeler(self.recognizer, max_cache_bytes=self.config.model.kv_cache_mb << 20)
-        # warm-up: the first forward allocates and is slow
-        from tracker.model.inputs import UtteranceInput
-
-        self.recognizer.predict_proba([UtteranceInput("Hello.", "A")])
-
-    def info(self) -> dict[str, Any]:
+    def info(self, conversation_id: str | None = None) -> dict[str, Any]:
+        """What the replica serves and its counters (`conversation_id` routes the call to that one's replica)."""
         rec = self.recognizer
         return {"backbone": rec.backbone.name, "label_set": list(rec.label_set.labels),
                 "label_set_full": rec.label_set.to_dict(),
@@ -123,13 +127,7 @@ class EmotionModel:
                 "context_min_turns": rec.config.prompt.context_min_turns, "modalities": rec.modality_names,
                 "speaker_norm": [m.name for m in rec.config.adapter.modalities if m.speaker_norm],
                 "batches": self.batches, "items": self.items, "in_flight": self.in_flight,
-                "incremental": self.labeler is not None, "kv_cache": self._cache_info(), "pid": os.getpid()}
-
-    def _cache_info(self) -> dict[str, Any] | None:
-        if self.labeler is None:
-            return None
-        cache = self.labeler.cache
-        return {"conversations": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes, **cache.stats.to_dict()}
+                "incremental": self.labeler is not None, "kv_cache": self.model.cache_info(), "pid": os.getpid()}
 
     def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         """Retune this replica's batching while it serves (a new replica starts with the configured values)."""
@@ -140,41 +138,22 @@ class EmotionModel:
 
     def forget(self, conversation_id: str) -> None:
         """Drop an ended conversation's prefix cache (a later utterance would rebuild it)."""
-        if self.labeler is not None:
-            self.labeler.forget(conversation_id)
+        self.model.forget(conversation_id)
 
-    def _predict(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from tracker.model.inputs import Turn, UtteranceInput
-
-        inputs = []
-        for it in items:
-            features = dict(it.get("audio_features") or {})  # {modality: (frames, F)} from FeatureExtractor
-            context = tuple(Turn(s, t) for s, t in it.get("context", ()))
-            inputs.append(UtteranceInput(it.get("text", ""), it.get("speaker", "Speaker"), context, features))
-        keys = [it.get("conversation_id") for it in items]
-        cached = [i for i, key in enumerate(keys) if key and self.labeler is not None]
-        rest = [i for i in range(len(items)) if i not in set(cached)]
-        probs = np.zeros((len(items), len(self.recognizer.label_set)))
-        if cached:  # one forward over the new tokens of every conversation in the batch
-            probs[cached] = self.labeler.predict_proba([(keys[i], inputs[i]) for i in cached])
-        if rest:
-            probs[rest] = self.recognizer.predict_proba([inputs[i] for i in rest], batch_size=len(rest))
-        preds = self.recognizer.to_predictions(probs)
-        return [{"label": p.label, "probabilities": p.probabilities, "score": p.score} for p in preds]
-
-    async def label(self, item: dict[str, Any]) -> dict[str, Any]:
-        """Label one utterance; concurrent calls are batched into one forward."""
+    async def label(self, utterance, conversation_id: str | None = None) -> dict[str, Any]:
+        """Label one utterance (a tracker.types.UtteranceInput, its context inside); concurrent calls
+        are batched into one forward. `conversation_id` keys its prefix cache (and its routing)."""
         self.in_flight += 1
         try:
-            return await self._label_batch(item)
+            return await self._label_batch((conversation_id, utterance))
         finally:
             self.in_flight -= 1
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _label_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _label_batch(self, items: list[tuple[str | None, Any]]) -> list[dict[str, Any]]:
         self.batches += 1
         self.items += len(items)
-        return await asyncio.to_thread(self._predict, items)
+        return await asyncio.to_thread(self.model.label, items)
 
 
 @serve.deployment
@@ -185,11 +164,13 @@ class ContextAggregator:
     tenant); a store per tenant shares one Redis connection pool.
     """
 
-    def __init__(self, args: dict[str, Any], redis_url: str, label_set: dict[str, Any]):
+    def __init__(self, args: dict[str, Any], redis_url: str, label_set: dict[str, Any],
+                 window: tuple[int, int | None] = (0, None)):
         from tracker.context.store import AsyncConversationStore
         from tracker.labels import LabelSet
 
         self.config = load_app_config(args)
+        self.max_turns, self.min_turns = int(window[0]), window[1]  # the served model's window policy, bound once
         self.store = AsyncConversationStore(redis_url, self.config.store, LabelSet.from_dict(label_set))
         self._stores = {self.store.tenant: self.store}
         self._normalizers = None  # {modality: SpeakerNormalizer} of the served checkpoint, read on first use
@@ -199,29 +180,22 @@ class ContextAggregator:
             self._stores[tenant] = self.store.with_tenant(tenant)
         return self._stores[tenant]
 
-    async def context(self, conversation_id: str, k: int, tenant: str = "default") -> list[tuple[str, str]]:
-        return [(t.speaker, t.text) for t in await self._for(tenant).context(conversation_id, k)]
+    async def begin(self, conversation_id: str, utterance_id: str, tenant: str = "default"):
+        """The utterance's stored final (a retry) or its context window: one Redis round trip
+        (a tracker.stream.pipeline.Begun, its turns as tracker.types.Turn)."""
+        from tracker.stream.pipeline import Begun
 
-    async def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None,
-                             tenant: str = "default") -> list[tuple[str, str]]:
-        """The next utterance's window of past turns (tracker.model.context_window), as the model was trained."""
-        _, turns = await self._for(tenant).context_window(conversation_id, max_turns, min_turns)
-        return [(t.speaker, t.text) for t in turns]
+        final, index, turns = await self._for(tenant).begin(conversation_id, utterance_id, self.max_turns, self.min_turns)
+        return Begun(final, index, tuple(turns))
 
-    async def final_record(self, conversation_id: str, utterance_id: str, tenant: str = "default") -> dict[str, Any] | None:
-        return await self._for(tenant).get_final(conversation_id, utterance_id)
+    async def commit(self, conversation_id: str, record: dict[str, Any], tenant: str = "default") -> dict[str, Any]:
+        """Store a result once (the append script assigns seq) and return the stored record: one round trip.
+        A retried utterance id returns the record stored first."""
+        return await self._for(tenant).commit(conversation_id, record)
 
     async def record(self, conversation_id: str, record: dict[str, Any], tenant: str = "default") -> dict[str, Any]:
-        """Store a final result once; a retried utterance id returns the record stored first."""
-        store = self._for(tenant)
-        record = dict(record)
-        record["seq"] = await store.next_seq(conversation_id)
-        record.setdefault("created_at", time.time())
-        stored, _ = await store.append(conversation_id, record)
-        if stored:
-            return record
-        existing = await store.get_final(conversation_id, record["utterance_id"])
-        return existing if existing is not None else record
+        """`commit` under its former name."""
+        return await self.commit(conversation_id, record, tenant)
 
     async def speaker_normalize(self, conversation_id: str, speaker: str, utterance_id: str,
                                 features: dict[str, np.ndarray] | None, tenant: str = "default") -> dict[str, np.ndarray] | None:
@@ -232,10 +206,7 @@ class ContextAggregator:
         if not features:
             return features
         if self._normalizers is None:
-            from tracker.model.default import default_checkpoint
-
-            ckpt = self.config.model.checkpoint
-            self._normalizers = normalizers_from_checkpoint(default_checkpoint() if ckpt == "default" else ckpt)
+            self._normalizers = normalizers_from_checkpoint(checkpoint_path(self.config))
         if not self._normalizers:
             return features
         store = self._for(tenant)

@@ -26,7 +26,9 @@ from tracker.stream import protocol as P
 from services.auth import ANONYMOUS, SUBPROTOCOL, AsyncKeyStore, AuthError, Principal, key_from_request
 from services.config import load_app_config
 from services.limits import TokenBucket, is_replica_failure
+from tracker.stream.pipeline import Begun, label_utterance
 from tracker.stream.session import StreamSession
+from tracker.types import UtteranceInput
 from tracker.context.export import FORMATS as EXPORT_FORMATS
 from tracker.context.export import export_conversation
 
@@ -47,28 +49,52 @@ REPLICA_RETRY_S = 180.0  # how long an utterance is retried while a crashed repl
 
 
 class ServePipeline:
-    """The StreamSession's pipeline, backed by the worker deployments' handles, for one tenant."""
+    """The Ray implementation of tracker.stream.pipeline.Pipeline for one tenant: handles only.
 
-    def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle, context_turns: int,
+    Per utterance: ``features`` (FeatureExtractor) in parallel with ``begin`` (ContextAggregator,
+    one Redis round trip), then ``label`` (EmotionModel, routed to the conversation's replica), then
+    ``commit`` (ContextAggregator, one Redis round trip): 4 Ray calls in 3 rounds, 3 without audio.
+    """
+
+    def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle,
                  tenant: str = "default", max_conversations: int = 10_000, stats: dict[str, int] | None = None,
                  refiner: DeploymentHandle | None = None, refine_info: dict[str, Any] | None = None,
-                 context_min_turns: int | None = None, asr: bool = False, speaker_norm: bool = False):
-        self.features = features
+                 asr: bool = False, speaker_norm: bool = False):
+        self._features = features
         self.model = model
         self.context = context
-        self.context_turns = context_turns
         self.tenant = tenant
         self.max_conversations = max_conversations
         self.stats = stats if stats is not None else {}
         self.refiner = refiner
-        self.refine_info = refine_info  # set when conversation-level refinement is on (services/refinement.py)
-        self.context_min_turns = context_min_turns  # the window slides in blocks (tracker.model.context_window)
+        self.refine_info = refine_info  # set when conversation-level refinement is on (tracker.stream.refine)
         self.asr = asr  # speech recognition of segments without a client transcript (StreamSession, listen)
         self.speaker_norm = speaker_norm  # the model normalises modalities per speaker (ContextAggregator keeps the stats)
 
+    def _key(self, conversation_id: str) -> str:
+        return f"{self.tenant}/{conversation_id}"  # KV-cache key and routing key, per tenant
+
+    async def begin(self, conversation_id: str, utterance_id: str) -> Begun:
+        return await self.context.begin.remote(conversation_id, utterance_id, tenant=self.tenant)
+
+    async def features(self, pcm: bytes | None, sample_rate: int) -> dict[str, Any] | None:
+        return await self._features.extract.remote(pcm, sample_rate) if pcm else None
+
     async def listen(self, pcm: bytes, sample_rate: int) -> dict[str, Any]:
         """Features and transcript of one utterance in one request (batched across conversations)."""
-        return await self.features.listen.remote(pcm, sample_rate)
+        return await self._features.listen.remote(pcm, sample_rate)
+
+    async def speaker_normalize(self, conversation_id: str, speaker: str, utterance_id: str,
+                                features: dict[str, Any]) -> dict[str, Any]:
+        """Past-only, per (conversation, speaker): the stats live in Redis, idempotent per utterance."""
+        return await self.context.speaker_normalize.remote(conversation_id, speaker, utterance_id, features,
+                                                           tenant=self.tenant)
+
+    async def label(self, conversation_id: str, utterance: UtteranceInput) -> dict[str, Any]:
+        return await self.model.label.remote(utterance, conversation_id=self._key(conversation_id))
+
+    async def commit(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
+        return await self.context.commit.remote(conversation_id, record, tenant=self.tenant)
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         """Label and store one utterance; retried while a replica that died mid-request is replaced.
@@ -79,7 +105,7 @@ class ServePipeline:
         delay = 0.2
         while True:
             try:
-                return await self._label_once(conversation_id, job)
+                return await label_utterance(self, conversation_id, job)
             except Exception as exc:
                 if not is_replica_failure(exc) or asyncio.get_running_loop().time() > deadline:
                     raise
@@ -88,50 +114,12 @@ class ServePipeline:
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
 
-    async def _label_once(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
-        t = self.tenant
-        existing = await self.context.final_record.remote(conversation_id, job["utterance_id"], tenant=t)
-        if existing is not None:  # a retried utterance: answer with what is stored, label nothing again
-            return existing
-        async def features():
-            if "audio_features" in job:  # computed with the transcript (listen)
-                return job["audio_features"]
-            return await self.features.extract.remote(job["pcm"], job["sample_rate"]) if job.get("pcm") else None
-
-        async def context():
-            if not self.context_turns:
-                return []
-            return await self.context.context_window.remote(conversation_id, self.context_turns, self.context_min_turns,
-                                                            tenant=t)
-
-        feats, context = await asyncio.gather(features(), context())  # independent: one round trip, not two
-        if feats and self.speaker_norm:  # past-only, per (conversation, speaker): stats in Redis, idempotent per utterance
-            feats = await self.context.speaker_normalize.remote(conversation_id, job["speaker"], job["utterance_id"],
-                                                                feats, tenant=t)
-        pred = await self.model.label.remote({"text": job["text"], "speaker": job["speaker"], "context": context,
-                                              "audio_features": feats,
-                                              "conversation_id": f"{t}/{conversation_id}"})  # KV-cache key, per tenant
-        record = {
-            "conversation_id": conversation_id, "utterance_id": job["utterance_id"], "speaker": job["speaker"],
-            "start_ms": job.get("start_ms"), "end_ms": job.get("end_ms"), "text": job["text"],
-            "label": pred["label"], "probabilities": pred["probabilities"], "score": pred["score"],
-            "is_final": bool(job.get("is_final", True)),
-            "modalities": (["text"] if job["text"].strip() else []) + (["audio"] if feats is not None else []),
-            **{k: job[k] for k in ("text_source", "asr_confidence") if job.get(k) is not None},
-        }
-        if not record["is_final"]:
-            record["refine"] = True  # an interim label awaiting refinement: counts as context (tracker.context.ops)
-        return await self.context.record.remote(conversation_id, record, tenant=t)
-
     # -- conversation-level refinement (used by tracker.stream.refine.RefineStage)
     async def judge_windows(self, windows: list[list[dict[str, Any]]]) -> list[list[list[float]]]:
         return await self.refiner.judge.remote(windows)
 
     async def combine_judgements(self, judgements: list[dict[str, Any]], base_probs: list[float]) -> dict[str, Any]:
         return await self.refiner.combine.remote(judgements, base_probs)
-
-    async def store_record(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        return await self.context.record.remote(conversation_id, record, tenant=self.tenant)
 
     async def stored_records(self, conversation_id: str) -> list[dict[str, Any]]:
         return await self.context.records.remote(conversation_id, tenant=self.tenant)
@@ -151,7 +139,12 @@ class ServePipeline:
         return await self.context.finals.remote(conversation_id, tenant=self.tenant)
 
     async def end_conversation(self, conversation_id: str) -> None:
+        """`stop`: the conversation is marked ended, and its replica drops its prefix cache."""
         await self.context.end_conversation.remote(conversation_id, tenant=self.tenant)
+        try:
+            await self.model.forget.remote(conversation_id=self._key(conversation_id))
+        except Exception:  # the cache also expires when idle (model.kv_cache_idle_s)
+            log.warning("conversation %s ended; its model cache could not be dropped now", conversation_id)
 
 
 @serve.deployment
@@ -161,12 +154,10 @@ class Ingress:
                  args: dict[str, Any], refiner: DeploymentHandle | None = None):
         self.config = load_app_config(args)
         self.features, self.model, self.context = features, model, context
-        self._context_turns: int | None = None
         self.refiner = refiner  # None: refinement off, every label final at once
         self._refine_info: dict[str, Any] | None = None
-        self._context_min_turns: int | None = None
-        self._asr: bool | None = None
-        self._speaker_norm = False
+        self._asr: bool | None = None  # FeatureExtractor runs speech recognition (asked once)
+        self._speaker_norm = False  # the served model normalises modalities per speaker
         self.open_streams = 0
         self.stats: dict[str, int] = {"replica_retries": 0, "auth_refused": 0, "limit_refused": 0}
         self._open: dict[tuple[str, str], int] = {}  # (route, key id) -> open connections on this replica
@@ -176,18 +167,14 @@ class Ingress:
             self.keys = AsyncKeyStore(redis_url, self.config.store.key_prefix, self.config.auth.keys)
 
     async def _pipeline(self, principal: Principal = ANONYMOUS) -> ServePipeline:
-        if self._context_turns is None:
-            info = await self.model.info.remote()
-            self._context_turns = int(info["context_turns"])
-            self._context_min_turns = info.get("context_min_turns")
-            self._speaker_norm = bool(info.get("speaker_norm"))
         if self._asr is None:
+            self._speaker_norm = bool((await self.model.info.remote()).get("speaker_norm"))
             self._asr = bool((await self.features.info.remote())["asr"])
         if self.refiner is not None and self._refine_info is None:
             self._refine_info = await self.refiner.info.remote()
-        return ServePipeline(self.features, self.model, self.context, self._context_turns, principal.tenant,
+        return ServePipeline(self.features, self.model, self.context, principal.tenant,
                              self.config.limits.max_conversations_per_tenant, self.stats, self.refiner, self._refine_info,
-                             self._context_min_turns, self._asr, self._speaker_norm)
+                             self._asr, self._speaker_norm)
 
     # ------------------------------------------------------------------ authentication
     async def _authenticate(self, key: str | None) -> Principal:
@@ -317,7 +304,7 @@ class Ingress:
         if not await self.context.delete_conversation.remote(conversation_id, tenant=who.tenant):
             raise HTTPException(status_code=404, detail=f"unknown conversation {conversation_id!r}")
         try:  # the prefix KV cache (a later conversation under this id would only reuse a matching prefix)
-            await self.model.forget.remote(f"{who.tenant}/{conversation_id}")
+            await self.model.forget.remote(conversation_id=f"{who.tenant}/{conversation_id}")
         except Exception:
             log.warning("conversation %s deleted; its model cache could not be dropped now", conversation_id)
         return {"conversation_id": conversation_id, "deleted": True}

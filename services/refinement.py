@@ -45,10 +45,10 @@ class RefinerModel:
         import hashlib
         import json
 
-        from tracker.model.default import default_checkpoint
+        from services.deployments import checkpoint_path
 
         trained_on = (json.loads((path / "config.json").read_text()).get("training") or {}).get("base_checkpoint_sha1")
-        base = default_checkpoint() if self.config.model.checkpoint == "default" else Path(self.config.model.checkpoint)
+        base = checkpoint_path(self.config)
         try:
             served = hashlib.sha1((base / "model.safetensors").read_bytes()).hexdigest()[:10]
         except OSError:
@@ -58,30 +58,21 @@ class RefinerModel:
                         "`tracker train-refiner` for the figures in its model card", path, trained_on, served)
 
     def info(self) -> dict[str, Any]:
-        s = self.refiner.spec
-        return {"window": s.size, "stride": s.stride, "t": s.t, "labels": list(self.refiner.label_set.labels),
-                "windows": self.windows}
+        from tracker.stream.pipeline import refine_info
+
+        return {**refine_info(self.refiner), "windows": self.windows}
 
     def _judge(self, windows: list[list[dict[str, Any]]]) -> list[list[list[float]]]:
-        from tracker.model.refine import WindowItem
+        from tracker.stream.pipeline import judge_windows
 
-        items = [[WindowItem(str(it["speaker"]), str(it["text"]), [float(p) for p in it["base_probs"]]) for it in w]
-                 for w in windows]
-        self.windows += len(items)
-        return [logits.tolist() for logits in self.refiner.judge(items)]
+        self.windows += len(windows)
+        return judge_windows(self.refiner, windows)
 
     async def judge(self, windows: list[list[dict[str, Any]]]) -> list[list[list[float]]]:
         """Logits (members, L) per window; each window is a list of {speaker, text, base_probs}."""
         return await asyncio.to_thread(self._judge, windows)
 
     def combine(self, judgements: list[dict[str, Any]], base_probs: list[float]) -> dict[str, Any]:
-        import numpy as np
+        from tracker.stream.pipeline import combine_judgements
 
-        from tracker.model.refine import Judgement
-
-        js = [Judgement(np.asarray(j["logits"], dtype=np.float64), int(j["position"]), int(j["order"])) for j in judgements]
-        probs = self.refiner.combine(js, base_probs)
-        ls = self.refiner.label_set
-        return {"label": ls.labels[int(probs.argmax())], "probabilities": dict(zip(ls.labels, map(float, probs))),
-                "score": float(probs @ np.asarray(ls.values))}
-
+        return combine_judgements(self.refiner, judgements, base_probs)

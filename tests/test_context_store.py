@@ -16,7 +16,7 @@ from tracker.config import ConfigError, load_dataclass
 from tracker.context import AsyncConversationStore, ConversationStore, EmbeddedRedis, StoreConfig, ensure_redis
 from tracker.context import redis_server
 from tracker.labels import MELD7
-from tracker.model.inputs import Turn
+from tracker.types import Turn
 
 
 @pytest.fixture(scope="session")
@@ -443,3 +443,66 @@ def test_get_final_returns_the_stored_final_only(store):
     got = store.get_final("c-final", "u1")
     assert got["utterance_id"] == "u1" and got["label"] == "joy" and got["is_final"] is True
     assert store.ping() is True
+
+
+class CountingRedis(redis.Redis):
+    """A client that counts round trips: every command or pipeline sent is one."""
+
+    trips = 0
+
+    def execute_command(self, *args, **options):
+        CountingRedis.trips += 1
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction=True, shard_hint=None):
+        pipe = super().pipeline(transaction, shard_hint)
+        run = pipe.execute
+
+        def execute(raise_on_error=True):
+            CountingRedis.trips += 1
+            return run(raise_on_error)
+
+        pipe.execute = execute
+        return pipe
+
+
+def test_begin_and_commit_take_one_round_trip_each(redis_server_url, raw, cfg):
+    client = CountingRedis.from_url(redis_server_url)
+    store = ConversationStore(client, cfg, MELD7)
+    store.commit("c", rec("warm"))  # loads the script (EVALSHA after the first run)
+    for i in range(12):
+        before = CountingRedis.trips
+        final, index, ctx = store.begin("c", f"u{i}", max_turns=4, min_turns=2)
+        assert CountingRedis.trips - before == 1
+        assert final is None and index == i + 1
+        assert ctx == store.context_window("c", 4, 2)[1]
+        before = CountingRedis.trips
+        stored = store.commit("c", rec(f"u{i}", text=f"line {i}"))
+        assert CountingRedis.trips - before == 1
+        assert stored["seq"] == i + 2 and stored["entry_id"]  # the script assigned seq: no separate draw
+    assert [t.text for t in store.begin("c", "next", 4, 2)[2]] == ["line 8", "line 9", "line 10", "line 11"]  # window [9, 13)
+    assert raw.get(store._ops.keys.seq("c")) == b"13"
+    client.close()
+
+
+def test_begin_returns_a_stored_final_and_commit_the_first_copy(store):
+    first = store.commit("c", rec("u1", "anger"))
+    again = store.commit("c", rec("u1", "joy"))  # a retry with another label: the first copy wins
+    assert again["label"] == "anger" and again["seq"] == first["seq"] == 1 and again["entry_id"] == first["entry_id"]
+    final, _, ctx = store.begin("c", "u1", 8)
+    assert final is not None and final["label"] == "anger" and final["seq"] == 1 and ctx == []
+    for i in range(40):  # the final is no longer in the newest page: one more read finds it
+        store.commit("c", rec(f"x{i}"))
+    assert store.begin("c", "u1", 2)[0]["entry_id"] == first["entry_id"]
+    assert store.begin("c", "x39", 0)[0]["utterance_id"] == "x39"
+    with pytest.raises(ValueError):
+        store.begin("c", "u2", 2, 5)  # min_turns > max_turns: rejected before anything is sent
+
+
+@pytest.mark.asyncio
+async def test_async_begin_commit(redis_server_url, cfg):
+    async with AsyncConversationStore(redis_server_url, cfg, MELD7) as s:
+        stored = await s.commit("a", rec("u1"))
+        assert stored["seq"] == 1
+        final, index, ctx = await s.begin("a", "u2", 3)
+        assert final is None and index == 1 and ctx == [Turn("A", "text of u1")]

@@ -269,11 +269,9 @@ def test_emotion_model_deployment_labels_context_first_models_incrementally(reco
     recognizers[1].save_pretrained(tmp_path / "ckpt")
     model = EmotionModel.func_or_class({"model": {"checkpoint": str(tmp_path / "ckpt"), "dtype": "fp32"}})
     assert model.labeler is not None and model.info()["context_min_turns"] == m
-    items = conversation(12)
-    requests = [{"text": it.text, "speaker": it.speaker, "context": [(t.speaker, t.text) for t in it.context],
-                 "audio_features": dict(it.features)} for it in items]
-    cached = [model._predict([dict(r, conversation_id="call")])[0] for r in requests]
-    plain = model._predict(requests)
+    items = conversation(12)  # UtteranceInputs with their Turn contexts, as the pipeline sends them
+    cached = [model.model.label([("call", it)])[0] for it in items]
+    plain = model.model.label([(None, it) for it in items])
     for a, b in zip(cached, plain):
         assert a["label"] == b["label"]
         assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) < 1e-5

@@ -40,3 +40,16 @@ def test_the_check_sees_a_violation(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("import os\nfrom services.app import build_app\n\ndef f():\n    import clients.local\n")
     assert [n for n in _imports(f) if n.split(".")[0] in UPPER] == ["services.app", "clients.local"]
+
+
+def test_data_context_audio_and_stream_load_without_torch():
+    """The plain types live on the ground floor: reading data, the store or a live session never pulls in torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tracker.data, tracker.context.store, tracker.stream.session, tracker.stream.pipeline, "
+            "tracker.types, tracker.context_window, tracker.cache; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"torch was imported: {out.stdout[:300]}"

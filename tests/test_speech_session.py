@@ -92,6 +92,9 @@ class LocalPipeline:
     async def conversation_known(self, conversation_id: str) -> bool:
         return False
 
+    async def admit_conversation(self, conversation_id: str) -> None:
+        pass
+
     async def end_conversation(self, conversation_id: str) -> None:
         pass
 
@@ -444,3 +447,39 @@ def test_replay_in_process_normalises_per_speaker_past_only(tiny_backbone):
         expected = norm.step(clips[utt.audio_path], st[utt.speaker])
         np.testing.assert_allclose(item.features["audio_functionals"], expected, rtol=1e-6)
     np.testing.assert_array_equal(seen[0].features["audio_functionals"], clips["/clip0.wav"])  # first: no past
+
+
+@pytest.mark.slow
+def test_local_pipeline_recognizes_and_keeps_speaker_norm_state(call8k, hearing, redis_url, tiny_backbone):
+    """tracker.stream.pipeline.LocalPipeline: the in-process pipeline recognizes like the service and keeps
+    each speaker's normalisation statistics in Redis."""
+    from tracker.context import AsyncConversationStore, StoreConfig
+    from tracker.labels import MELD7
+    from tracker.model.adapter import AdapterConfig, ModalityConfig
+    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+    from tracker.stream.pipeline import LocalPipeline
+
+    mods = [ModalityConfig("audio_functionals", 88, source="egemaps_functionals", speaker_norm=True)]
+    rec = EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32",
+                                                            adapter=AdapterConfig(d_model=32, n_pseudo_tokens=4, modalities=mods)))
+    samples, spans = call8k
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def go():
+        store = AsyncConversationStore(redis_url, StoreConfig(key_prefix=prefix), MELD7)
+        pipe = LocalPipeline(rec, store, hearing.features, hearing=hearing)
+        assert pipe.asr and pipe.speaker_norm
+        out, _ = await stream(pipe, samples, spans, "none")
+        await store.aclose()
+        return out
+
+    out = asyncio.run(go())
+    results = finals(out)
+    assert len(results) == len(TURNS)
+    for truth, r in match(spans, results):
+        assert r["text_source"] == "asr" and word_error_rate(truth["text"], r["text"]) <= 0.5
+    raw = redis.Redis.from_url(redis_url)
+    cid = out[0]["conversation_id"]
+    for speaker in ("Agent", "Customer"):
+        h = raw.hgetall(f"{prefix}:default:conv:{cid}:spk:{speaker}:norm")
+        assert int(h[b"n"]) == sum(1 for s, _ in TURNS if s == speaker)

@@ -514,6 +514,8 @@ def _configure_replay(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=0, help="first N conversations only")
     p.add_argument("--batch-size", type=int, default=8, help="in-process: utterances per forward pass")
     p.add_argument("--key", default=None, help="API key with --through (default: $TRACKER_API_KEY, else the local service's key)")
+    p.add_argument("--live", action="store_true",
+                   help="in-process through the live path (session + pipeline + a private Redis) instead of offline batches")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -521,7 +523,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from clients.replay import run_replay
 
     return run_replay(args.data, args.checkpoint, args.through, args.speed, args.out, args.report, args.limit, args.batch_size,
-                      api_key=args.key)
+                      api_key=args.key, live=args.live)
 
 
 cmd_replay.configure = _configure_replay

@@ -60,7 +60,7 @@ class FeatureExtractorConfig:
 
 def default_cache_dir() -> Path:
     """$TRACKER_CACHE_DIR/features, else the XDG cache (~/.cache/tracker/features)."""
-    from tracker.model.backbone import cache_dir  # imported here: it pulls in torch
+    from tracker.cache import cache_dir
 
     return cache_dir() / "features"
 

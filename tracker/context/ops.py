@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generator, Mapping, TypeVar, Union
+from typing import Any, Generator, Mapping, TypeVar, Union
 
+from tracker.context_window import window_length
 from tracker.labels import LabelSet
+from tracker.types import Turn
 
 from .schema import (
+    EncodedRecord,
     Keys,
     StoreConfig,
     as_str,
     check_id,
     decode_entries,
+    decode_entry,
     decode_meta,
     decode_speaker_state,
     encode_record,
     idempotency_field,
 )
 
-if TYPE_CHECKING:  # tracker.model's __init__ imports torch; readers of the store need not
-    from tracker.model.inputs import Turn
 
 T = TypeVar("T")
 _PAGE = 500
@@ -81,8 +83,12 @@ class Ops:
     def append(self, conversation_id: str, record: Mapping[str, Any]) -> Op[tuple[bool, str]]:
         cid = check_id(conversation_id, "conversation_id")
         enc = encode_record(record, self.label_set)
+        reply = yield Eval("append", tuple(self.keys.append_keys(cid, enc.speaker)), self._append_args(cid, enc))
+        return bool(int(reply[0])), as_str(reply[1])
+
+    def _append_args(self, cid: str, enc: EncodedRecord) -> tuple[Any, ...]:
         c = self.config
-        args = (
+        return (
             idempotency_field(enc.utterance_id, enc.is_final),
             "1" if enc.is_final else "0",
             c.stream_maxlen,
@@ -97,8 +103,24 @@ class Ops:
             "1" if enc.has_seq else "0",
             *enc.fields,
         )
-        reply = yield Eval("append", tuple(self.keys.append_keys(cid, enc.speaker)), args)
-        return bool(int(reply[0])), as_str(reply[1])
+
+    def commit(self, conversation_id: str, record: Mapping[str, Any]) -> Op[dict]:
+        """Store `record` once per (utterance_id, is_final) and return what is stored, in one script run.
+
+        The script assigns ``seq`` (unless the record carries one); a duplicate returns the record
+        stored first (or `record` itself if that one was trimmed away by MAXLEN).
+        """
+        cid = check_id(conversation_id, "conversation_id")
+        enc = encode_record(record, self.label_set)
+        reply = yield Eval("append", tuple(self.keys.append_keys(cid, enc.speaker)), self._append_args(cid, enc))
+        stored, entry_id = bool(int(reply[0])), as_str(reply[1])
+        if not stored and len(reply) > 2 and reply[2]:
+            return {**decode_entry(entry_id, reply[2]), "conversation_id": cid}
+        out = dict(record)
+        if stored and len(reply) > 2 and as_str(reply[2]):
+            out["seq"] = int(as_str(reply[2]))
+        out["entry_id"] = entry_id
+        return out
 
     def end_conversation(self, conversation_id: str) -> Op[bool]:
         cid = check_id(conversation_id, "conversation_id")
@@ -172,15 +194,20 @@ class Ops:
         record (marked ``refine``; the refined final, stored later, is skipped), otherwise its final
         record. Other partial records (not marked) never count: their text may still change.
         """
-        from tracker.model.inputs import Turn
         cid = check_id(conversation_id, "conversation_id")
         if k <= 0:
             return []
+        return (yield from self._turns(cid, k, None, _page(k)))
+
+    def _turns(self, cid: str, k: int, first_page: list[dict] | None, page: int) -> Op[list[Turn]]:
+        """`context`'s walk back through the stream, `page` entries a read; `first_page` = the first
+        read already made (newest first)."""
         key, end, newest_first, seen = self.keys.stream(cid), "+", [], set()
-        page = max(2 * k, 16)
+        entries = first_page
         while True:
-            (raw,) = yield _one(Call("xrevrange", (key,), {"max": end, "min": "-", "count": page}))
-            entries = decode_entries(raw)
+            if entries is None:
+                (raw,) = yield _one(Call("xrevrange", (key,), {"max": end, "min": "-", "count": page}))
+                entries = decode_entries(raw)
             for rec in entries:
                 if rec.get("refined") if rec["is_final"] else not rec.get("refine"):
                     continue
@@ -192,17 +219,48 @@ class Ops:
             if len(entries) < page:
                 return newest_first[::-1]
             end = "(" + entries[-1]["entry_id"]
+            entries = None
 
     def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None) -> Op[tuple[int, list[Turn]]]:
         """``(index, context)`` for the conversation's next utterance: its position (the number of
-        finals stored) and its window of past turns (tracker.model.context_window), oldest first."""
-        from tracker.model.context_window import window_length
-
+        finals stored) and its window of past turns (tracker.context_window), oldest first."""
         cid = check_id(conversation_id, "conversation_id")
         (n,) = yield _one(Call("hget", (self.keys.meta(cid), "n_final")))
         index = int(as_str(n)) if n is not None else 0
         turns = yield from self.context(cid, window_length(index, max_turns, min_turns))
         return index, turns
+
+    def begin(self, conversation_id: str, utterance_id: str, max_turns: int,
+              min_turns: int | None = None) -> Op[tuple[dict | None, int, list[Turn]]]:
+        """``(stored final or None, index, context)`` of an utterance about to be labelled, in one pipeline.
+
+        One batch reads the utterance's idempotency field, the conversation's final count and the
+        newest page of its stream (enough for a window of `max_turns` turns); only an unusual
+        conversation (a retried utterance whose final is older than that page, or a page of mostly
+        partial records) costs another round trip.
+        """
+        cid = check_id(conversation_id, "conversation_id")
+        uid = check_id(utterance_id, "utterance_id")
+        window_length(0, max_turns, min_turns)  # validates the policy before anything is sent
+        page = _page(max_turns)
+        entry_id, n, raw = yield Batch((
+            Call("hget", (self.keys.ids(cid), idempotency_field(uid, True))),
+            Call("hget", (self.keys.meta(cid), "n_final")),
+            Call("xrevrange", (self.keys.stream(cid),), {"max": "+", "min": "-", "count": page}),
+        ))
+        entries = decode_entries(raw)
+        if entry_id is not None:  # a retried utterance: its stored final, from the page if it is there
+            eid = as_str(entry_id)
+            found = [e for e in entries if e["entry_id"] == eid]
+            if not found:
+                (raw,) = yield _one(Call("xrange", (self.keys.stream(cid),), {"min": eid, "max": eid, "count": 1}))
+                found = decode_entries(raw)
+            if found:
+                return {**found[0], "conversation_id": cid}, 0, []
+        index = int(as_str(n)) if n is not None else 0
+        k = window_length(index, max_turns, min_turns)
+        turns = (yield from self._turns(cid, k, entries, page)) if k > 0 else []
+        return None, index, turns
 
     def read_since(
         self, conversation_id: str, last_entry_id: str = "0-0", block_ms: int | None = None, count: int = 100
@@ -276,6 +334,11 @@ class Ops:
             Call("lrange", (self.keys.speaker(cid, speaker, "recent"), 0, -1)),
             Call("hgetall", (self.keys.speaker(cid, speaker, "state"),)),
         )
+
+
+def _page(k: int) -> int:
+    """Stream entries read per page to find `k` context turns (partials and refined finals are skipped)."""
+    return max(2 * k, 16)
 
 
 def _nested(entries: Any) -> bool:

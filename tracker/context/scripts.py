@@ -28,12 +28,18 @@ end
 # ARGV: 1 idempotency field, 2 is_final (1/0), 3 stream maxlen, 4 ttl s, 5 recent n, 6 alpha,
 #       7 speaker, 8 label, 9 score, 10 conversation id, 11 label set, 12 has seq (1/0),
 #       13.. stream field/value pairs
-# Returns {1, entry_id} when stored now, {0, entry_id of the first copy} for a duplicate.
+# Returns {1, entry_id, seq} when stored now (seq as stored: the caller's, else assigned here),
+# {0, entry_id of the first copy, its field/value list} for a duplicate (empty once trimmed away),
+# so a commit learns what is stored in one round trip.
 APPEND = (
     _FMT
     + """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
-if existing then return {0, existing} end
+if existing then
+  local e = redis.call('XRANGE', KEYS[2], existing, existing)
+  if e[1] then return {0, existing, e[1][2]} end
+  return {0, existing, {}}
+end
 
 local final = ARGV[2] == '1'
 local ttl = tonumber(ARGV[4])
@@ -42,9 +48,11 @@ local nows = string.format('%d', now)
 
 local fields = {}
 for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+local seq = ''
 if ARGV[12] ~= '1' then
+  seq = tostring(redis.call('INCR', KEYS[9]))
   fields[#fields + 1] = 'seq'
-  fields[#fields + 1] = tostring(redis.call('INCR', KEYS[9]))
+  fields[#fields + 1] = seq
   redis.call('EXPIRE', KEYS[9], ttl)
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(fields))
@@ -79,7 +87,7 @@ if final then
   redis.call('HINCRBY', KEYS[8], 'n_final', 1)
   for i = 6, 8 do redis.call('EXPIRE', KEYS[i], ttl) end
 end
-return {1, id}
+return {1, id, seq}
 """
 )
 

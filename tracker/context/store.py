@@ -8,26 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import redis
 import redis.asyncio
 
 from tracker.labels import MELD7, LabelSet
+from tracker.types import Turn
 
 from .ops import Eval, Op, Ops, Step, T
 from .schema import StoreConfig
 from .scripts import SCRIPTS
 
-if TYPE_CHECKING:  # imported lazily by Ops.context: tracker.model pulls in torch
-    from tracker.model.inputs import Turn
 
 __all__ = ["StoreConfig", "ConversationStore", "AsyncConversationStore"]
 
 
 # Errors of an unreachable Redis (down, restarting, loading its AOF): the call is retried. Every
-# step is safe to repeat: reads are reads, the append script is idempotent per utterance id, END
-# is idempotent, and a repeated NEXT_SEQ only leaves a gap in the seq numbers.
+# step is safe to repeat: reads are reads, the append script (which assigns seq) is idempotent per
+# utterance id, END is idempotent, and a repeated NEXT_SEQ only leaves a gap in the seq numbers.
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -112,6 +111,15 @@ class ConversationStore(_StoreBase):
 
     def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None) -> tuple[int, list[Turn]]:
         return self._run(self._ops.context_window(conversation_id, max_turns, min_turns))
+
+    def begin(self, conversation_id: str, utterance_id: str, max_turns: int,
+              min_turns: int | None = None) -> tuple[dict | None, int, list[Turn]]:
+        """(stored final or None, index, context window) of an utterance about to be labelled: one round trip."""
+        return self._run(self._ops.begin(conversation_id, utterance_id, max_turns, min_turns))
+
+    def commit(self, conversation_id: str, record: Mapping[str, Any]) -> dict:
+        """Store `record` once (the script assigns ``seq``) and return what is stored: one round trip."""
+        return self._run(self._ops.commit(conversation_id, record))
 
     def list_conversations(self, limit: int = 50) -> list[dict]:
         return self._run(self._ops.list_conversations(limit))
@@ -230,6 +238,13 @@ class AsyncConversationStore(_StoreBase):
 
     async def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None) -> tuple[int, list[Turn]]:
         return await self._run(self._ops.context_window(conversation_id, max_turns, min_turns))
+
+    async def begin(self, conversation_id: str, utterance_id: str, max_turns: int,
+                    min_turns: int | None = None) -> tuple[dict | None, int, list[Turn]]:
+        return await self._run(self._ops.begin(conversation_id, utterance_id, max_turns, min_turns))
+
+    async def commit(self, conversation_id: str, record: Mapping[str, Any]) -> dict:
+        return await self._run(self._ops.commit(conversation_id, record))
 
     async def list_conversations(self, limit: int = 50) -> list[dict]:
         return await self._run(self._ops.list_conversations(limit))

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-from tracker.model.context_window import window_turns
-from tracker.model.inputs import Turn, UtteranceInput
+from tracker.context_window import window_turns
+from tracker.types import Turn, UtteranceInput
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from tracker.model.adapter import AdapterConfig, ModalityConfig, MSEAdapter
 from tracker.model.backbone import Backbone, load_backbone
-from tracker.model.inputs import Turn, UtteranceInput
+from tracker.types import Turn, UtteranceInput
 from tracker.model.prompt import PromptBuilder, PromptConfig
 from tracker.model.recognizer import EmotionRecognizer, Prediction, RecognizerConfig
 

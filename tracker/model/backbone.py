@@ -17,8 +17,6 @@ Names understood by :func:`load_backbone`:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -26,10 +24,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
 import torch
 from torch import nn
+
+from tracker.cache import cache_dir  # noqa: F401  (re-exported: callers import it from here)
+from tracker.cache import file_lock as _file_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +74,6 @@ class Backbone:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def cache_dir() -> Path:
-    """Where converted backbones live: $TRACKER_CACHE_DIR, else $XDG_CACHE_HOME/tracker, else ~/.cache/tracker."""
-    explicit = os.environ.get("TRACKER_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "tracker"
-
-
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
@@ -114,18 +103,6 @@ def freeze(model: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     model.eval()
     return model
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock, so two replicas never convert the same model at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def gemma_cache_path() -> Path:

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tracker.model.inputs import UtteranceInput
+from tracker.types import UtteranceInput
 from tracker.model.kv_cache import KVCacheStore, PrefixEntry
 from tracker.model.prompt import EncodedPrompt
 

@@ -10,6 +10,7 @@ can never change a label, only save work.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ class CacheStats:
     misses: int = 0  # no entry (new conversation, or evicted)
     evictions: int = 0
     oversize: int = 0  # entries larger than the whole budget, never stored
+    expired: int = 0  # entries dropped after `expire_idle` seconds unused (the conversation went quiet)
+    forgotten: int = 0  # entries dropped because their conversation ended (`pop`)
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -61,6 +64,7 @@ class KVCacheStore:
     _bytes: int = 0
     stats: CacheStats = field(default_factory=CacheStats)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _used: dict = field(default_factory=dict, repr=False)  # key -> monotonic time of last get/put
 
     def __post_init__(self) -> None:
         if self.max_bytes < 0:
@@ -82,6 +86,7 @@ class KVCacheStore:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
+                self._used[key] = time.monotonic()
             return entry
 
     def put(self, key: str, entry: PrefixEntry) -> None:
@@ -93,23 +98,44 @@ class KVCacheStore:
                 self.stats.oversize += 1
                 return
             while self._entries and self._bytes + size > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
+                old_key, old = self._entries.popitem(last=False)
+                self._used.pop(old_key, None)
                 self._bytes -= old.nbytes
                 self.stats.evictions += 1
             self._entries[key] = entry
+            self._used[key] = time.monotonic()
             self._bytes += size
 
     def pop(self, key: str) -> None:
         """Forget a conversation (it ended)."""
         with self._lock:
-            self._drop(key)
+            if self._drop(key):
+                self.stats.forgotten += 1
+
+    def expire_idle(self, max_idle_s: float) -> int:
+        """Drop the entries unused for `max_idle_s` seconds (conversations that went away without a
+        `stop`); the LRU order is the use order, so the scan stops at the first fresh entry."""
+        cutoff = time.monotonic() - max_idle_s
+        n = 0
+        with self._lock:
+            while self._entries:
+                key = next(iter(self._entries))
+                if self._used.get(key, 0.0) > cutoff:
+                    break
+                self._drop(key)
+                n += 1
+            self.stats.expired += n
+        return n
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._used.clear()
             self._bytes = 0
 
-    def _drop(self, key: str) -> None:
+    def _drop(self, key: str) -> bool:
         old = self._entries.pop(key, None)
+        self._used.pop(key, None)
         if old is not None:
             self._bytes -= old.nbytes
+        return old is not None

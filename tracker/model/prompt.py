@@ -35,7 +35,7 @@ from typing import Sequence
 
 from tracker.config import ConfigError
 from tracker.labels import LabelSet
-from tracker.model.inputs import Turn
+from tracker.types import Turn
 
 
 @dataclass

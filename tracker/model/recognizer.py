@@ -23,7 +23,7 @@ from tracker.labels import LabelSet, get_label_set
 from tracker.model import checkpoint as ckpt
 from tracker.model.adapter import AdapterConfig, ModalityBatch, MSEAdapter, collate_modalities
 from tracker.model.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
-from tracker.model.inputs import UtteranceInput
+from tracker.types import UtteranceInput
 from tracker.model.llm_layers import EarlyExit, decoder_layers, final_norm
 from tracker.model.prompt import EncodedPrompt, PromptBuilder, PromptConfig
 

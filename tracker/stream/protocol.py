@@ -40,6 +40,11 @@ FATAL = {NOT_STARTED, UNSUPPORTED_AUDIO, FRAME_TOO_LARGE, AFTER_STOP, BAD_AUDIO,
 
 CLIENT_TYPES = ("start", "transcript", "utterance", "keepalive", "finalize", "stop")
 SUPPORTED_RATES = (8000, 16000, 32000, 48000)
+DEFAULT_SAMPLE_RATE = 16000  # a `start` without sample_rate
+ENCODING = "linear16"  # PCM16 little-endian, channels interleaved
+SAMPLE_BYTES = 2
+FRAME_MS = 100  # what the bundled clients send per binary frame (any whole number of samples is accepted)
+SUBPROTOCOL = "tracker.v1"
 MAX_CHANNELS = 8
 MAX_TEXT_CHARS = 4000
 MAX_ID_CHARS = 128
@@ -233,6 +238,53 @@ def parse_utterance(obj: dict[str, Any], speakers: list[str], max_audio_bytes: i
     if not text.strip() and not audio:
         raise ProtocolError(INVALID_FIELD, "an utterance needs 'text' or 'audio'")
     return UtteranceEvent(speaker=speaker, text=text, utterance_id=uid, start_ms=start, end_ms=end, audio=audio)
+
+
+# -- builders: every client (and the server) makes its messages here, not by hand ------------------
+
+def frame_bytes(sample_rate: int, channels: int = 1, ms: int = FRAME_MS) -> int:
+    """Bytes of `ms` of interleaved PCM16 audio."""
+    return sample_rate * ms // 1000 * channels * SAMPLE_BYTES
+
+
+def start_message(conversation_id: str, speakers: list[str], *, sample_rate: int = DEFAULT_SAMPLE_RATE,
+                  resume: bool = False, offset_ms: int = 0, resume_after_seq: int = 0) -> dict[str, Any]:
+    """A `start`: one speaker per channel."""
+    msg: dict[str, Any] = {"type": "start", "conversation_id": conversation_id, "sample_rate": sample_rate,
+                           "encoding": ENCODING, "channels": len(speakers), "speakers": list(speakers)}
+    if resume:
+        msg.update({"resume": True, "offset_ms": int(offset_ms), "resume_after_seq": int(resume_after_seq)})
+    return msg
+
+
+def transcript_message(speaker: str, text: str, start_ms: int, end_ms: int) -> dict[str, Any]:
+    return {"type": "transcript", "speaker": speaker, "text": text, "start_ms": int(start_ms), "end_ms": int(end_ms)}
+
+
+def utterance_message(speaker: str, text: str = "", *, utterance_id: str | None = None, audio: bytes | None = None,
+                      start_ms: int | None = None, end_ms: int | None = None) -> dict[str, Any]:
+    """An `utterance` event; `audio` is PCM16 mono at the stream's rate (sent base64)."""
+    msg: dict[str, Any] = {"type": "utterance", "speaker": speaker, "text": text}
+    if utterance_id is not None:
+        msg["utterance_id"] = utterance_id
+    if audio:
+        msg["audio"] = base64.b64encode(audio).decode("ascii")
+    if start_ms is not None:
+        msg["start_ms"] = int(start_ms)
+    if end_ms is not None:
+        msg["end_ms"] = int(end_ms)
+    return msg
+
+
+def control_message(kind: str) -> dict[str, Any]:
+    """`keepalive`, `finalize` or `stop`."""
+    if kind not in ("keepalive", "finalize", "stop"):
+        raise ValueError(f"not a control message: {kind!r}")
+    return {"type": kind}
+
+
+def stop_message() -> dict[str, Any]:
+    return control_message("stop")
 
 
 def result_message(record: dict[str, Any]) -> dict[str, Any]:

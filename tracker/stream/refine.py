@@ -95,6 +95,6 @@ class RefineStage:
         record.update(pred)
         record.update({"is_final": True, "refined": True, "interim_label": interim["label"],
                        "revised": pred["label"] != interim["label"], "judgements": len(u.judgements)})
-        stored = await self.pipeline.store_record(self.conversation_id, record)
+        stored = await self.pipeline.commit(self.conversation_id, record)
         u.final = True
         await self.send(P.result_message(stored))

@@ -2,8 +2,8 @@
 
 A :class:`StreamSession` is transport-free: the ingress feeds it decoded client messages and binary
 frames and it calls ``send`` with server messages. The actual work (features, context, the model,
-storage) goes through a :class:`Pipeline`, which the ingress backs with Ray Serve handles and tests
-may back with in-process objects.
+storage) goes through a :class:`tracker.stream.pipeline.Pipeline`: the ingress's is backed by Ray
+Serve handles, ``tracker.stream.pipeline.LocalPipeline`` by objects in this process.
 
 Timing: every time is stream time in milliseconds from sample counts (plus ``offset_ms`` of a
 resumed stream), never the wall clock. A voiced segment of channel c takes the transcripts of
@@ -26,29 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable
 
 from tracker.stream import protocol as P
 from tracker.audio.pcm import split_channels
 from tracker.audio.vad import Segment, StreamingSegmenter, VadConfig
+from tracker.stream.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
-
-
-class Pipeline(Protocol):
-    async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
-        """Extract features, fetch context, label and store one utterance; return the stored record."""
-
-    async def conversation_known(self, conversation_id: str) -> bool: ...
-
-    async def end_conversation(self, conversation_id: str) -> None: ...
-
-    async def stored_finals(self, conversation_id: str) -> list[dict[str, Any]]: ...
-
-    # optional: ``async def admit_conversation(conversation_id)`` raises ProtocolError(LIMIT_EXCEEDED) to refuse a start
-    # optional, speech recognition: ``asr: bool`` and ``async def listen(pcm, sample_rate) -> dict`` giving
-    # {"transcript": {"text", "confidence", ...} | None, "audio_features": {modality: array} | None}
-    # (tracker.audio.hearing.Hearing.hear); label_utterance then takes the job's "audio_features" as given
 
 
 @dataclass
@@ -201,9 +186,7 @@ class StreamSession:
         if start.resume and start.resume_after_seq > 0 and not await self.pipeline.conversation_known(start.conversation_id):
             # the client holds results of a conversation the server does not know: a wrong id, or expired
             raise P.ProtocolError(P.UNKNOWN_CONVERSATION, f"cannot resume unknown conversation {start.conversation_id!r}")
-        admit = getattr(self.pipeline, "admit_conversation", None)
-        if admit is not None:  # tenant limits (raises LIMIT_EXCEEDED)
-            await admit(start.conversation_id)
+        await self.pipeline.admit_conversation(start.conversation_id)  # tenant limits (raises LIMIT_EXCEEDED)
         self.start = start
         self._segmenters = [StreamingSegmenter(self.vad_config, start.sample_rate) for _ in range(start.channels)]
         self._channel_offset = [float(offset)] * start.channels

@@ -13,7 +13,7 @@ from tracker.audio.channel import COPY_KEY
 from tracker.data import load_dataset
 from tracker.data.records import Conversation, iter_examples
 from tracker.labels import LabelSet
-from tracker.model.inputs import UtteranceInput
+from tracker.types import UtteranceInput
 
 log = logging.getLogger(__name__)
 
