@@ -96,6 +96,15 @@ def test_call_without_transcripts_gets_recognized_text_and_speaker_norm_state(se
         h = {k.decode(): v.decode() for k, v in raw.hgetall(keys[0]).items()}
         spoken = sum(1 for s, _ in TURNS if s == speaker)
         assert int(h["n"]) == spoken and json.loads(h["audio_functionals"])["utterances"] == spoken
+    # a retried utterance (the ContextAggregator asked again for the last one) changes no byte in Redis
+    import numpy as np
+
+    context = serve.get_deployment_handle("ContextAggregator", app_name="tracker")
+    key = next(raw.scan_iter(match=f"*{cid}:spk:{speakers[0]}:norm"))
+    before = raw.hgetall(key)
+    feats = {"audio_functionals": np.ones((1, 88), dtype=np.float32)}
+    again = context.speaker_normalize.remote(cid, speakers[0], before[b"last"].decode(), feats, tenant="default").result()
+    assert again["audio_functionals"].shape == (1, 88) and raw.hgetall(key) == before
     # the cost of recognition in the service (FeatureExtractor's own clock)
     info = serve.get_deployment_handle("FeatureExtractor", app_name="tracker").info.remote().result()
     assert info["asr"] and info["recognized"] >= len(TURNS) and info["asr_model"] == "tiny.en"
