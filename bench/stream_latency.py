@@ -202,6 +202,8 @@ def child(args: argparse.Namespace) -> dict:
                                    [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in v.utterances]), v.utterances))
         svc_args = {"model": {"checkpoint": args.checkpoint, "max_batch_size": args.max_batch_size},
                     "deployments": {"emotion_model": {"num_cpus": 1.0, "max_ongoing_requests": max(32, args.max_batch_size)}}}
+        if _knows_asr():  # versions with speech recognition: on only when asked (the calls bring transcripts)
+            svc_args["asr"] = args.asr
         with start_service(svc_args) as svc:
             url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url  # the local API key
             asyncio.run(run_n(url, recs, 1, 8.0))  # warm-up
@@ -276,6 +278,15 @@ def git_rev(path: Path) -> str:
     return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
+def _knows_asr() -> bool:
+    """Whether this tree's service config has the `asr` switch (versions before it reject the key)."""
+    from dataclasses import fields
+
+    from services.config import AppConfig
+
+    return "asr" in {f.name for f in fields(AppConfig)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="*", default=[1, 4, 16, 32])
@@ -283,6 +294,8 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, nargs="*", default=[1, 2], help="EmotionModel replicas for the cache hit rate")
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--speed", type=float, default=1.0)
+    ap.add_argument("--asr", choices=["on", "off"], default="off",
+                    help="speech recognition in the service (the calls stream client transcripts either way)")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--cache-calls", type=int, default=16)
     ap.add_argument("--cache-turns", type=int, default=30)

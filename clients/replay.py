@@ -28,6 +28,8 @@ def replay_in_process(recognizer, conversations: list[Conversation], batch_size:
     """Label every utterance with its past context; one prediction record per utterance, in order.
 
     `features` (a tracker.audio.modalities.ModalityFeatures) computes the acoustic inputs; None = text only.
+    Modalities the model normalises per speaker (``speaker_norm``) are normalised as the service does:
+    against the speaker's earlier utterances in the same conversation only.
     """
     from tracker.data.records import iter_examples
     from tracker.types import UtteranceInput
@@ -35,8 +37,14 @@ def replay_in_process(recognizer, conversations: list[Conversation], batch_size:
     prompt = recognizer.config.prompt
     pairs = list(iter_examples(conversations, k=prompt.context_turns, min_k=prompt.context_min_turns))
     items = []
+    normalizers = recognizer.speaker_normalizers()
+    stats: dict[tuple[str, str, str], Any] = {}  # (conversation, speaker, modality) -> SpeakerStats, in utterance order
     for utt, ctx in pairs:
         feats = features.from_file(utt.audio_path, utt.start_s, utt.end_s) if features is not None and utt.audio_path else {}
+        for name, norm in normalizers.items():
+            if name in feats:
+                st = stats.setdefault((utt.conversation_id, utt.speaker, name), norm.new_stats())
+                feats[name] = norm.step(feats[name], st)
         items.append(UtteranceInput(utt.text, utt.speaker, tuple(ctx), feats))
     preds = recognizer.predict(items, batch_size=batch_size)
     return [_record(utt, p.label, p.probabilities) for (utt, _), p in zip(pairs, preds)]

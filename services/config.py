@@ -10,6 +10,7 @@ import yaml
 
 from tracker.alerts.rule import EscalationConfig
 from tracker.alerts.webhooks import WebhookConfig
+from tracker.audio.asr import AsrConfig
 from tracker.audio.features import FeatureExtractorConfig
 from tracker.audio.vad import VadConfig
 from tracker.config import ConfigError, load_dataclass
@@ -101,6 +102,25 @@ class RefineServing:
 
 
 @dataclass
+class SpeechServing(AsrConfig):
+    """The recognizer the FeatureExtractor runs when `asr` is on (tracker.audio.asr.AsrConfig) and its batching:
+    utterances of all conversations wait up to `batch_wait_timeout_s` to share one recognizer pass."""
+
+    threads: int = 1  # CTranslate2 threads per FeatureExtractor replica
+    batch_wait_timeout_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_wait_timeout_s < 0:
+            raise ConfigError(f"batch_wait_timeout_s: must be >= 0, got {self.batch_wait_timeout_s!r}")
+
+    def asr_config(self) -> AsrConfig:
+        from dataclasses import fields
+
+        return AsrConfig(**{f.name: getattr(self, f.name) for f in fields(AsrConfig)})
+
+
+@dataclass
 class Deployments:
     ingress: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.1, max_ongoing_requests=256))
     feature_extractor: DeploymentOptions = field(default_factory=lambda: DeploymentOptions(num_cpus=0.2))
@@ -129,8 +149,15 @@ class AppConfig:
     refine: RefineServing = field(default_factory=RefineServing)
     alerts: EscalationConfig = field(default_factory=EscalationConfig)  # the escalation rule (docs/alerts.md)
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)  # where alert events are POSTed
+    # speech recognition of segments without a client transcript: on | off | auto (on when the model's
+    # weights and faster-whisper are installed); `speech` says which Whisper and how it runs
+    asr: str | bool = "auto"
+    speech: SpeechServing = field(default_factory=SpeechServing)
 
     def __post_init__(self) -> None:
+        from tracker.audio.hearing import asr_mode
+
+        self.asr = asr_mode(self.asr)
         if self.deployments.emotion_model.max_ongoing_requests < self.model.max_batch_size:
             raise ConfigError(
                 "deployments.emotion_model.max_ongoing_requests: must be at least model.max_batch_size "

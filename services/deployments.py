@@ -25,22 +25,49 @@ log = logging.getLogger(__name__)
 @serve.deployment
 class FeatureExtractor:
     """PCM16 utterance audio -> the acoustic modalities the served model reads, e.g.
-    {"audio": eGeMAPSv02 LLDs (frames, 25), "audio_functionals": (1, 88)}."""
+    {"audio": eGeMAPSv02 LLDs (frames, 25), "audio_functionals": (1, 88)}; with speech recognition on
+    (`asr`), also the transcript of segments that came without one, batched across conversations."""
 
     def __init__(self, args: dict[str, Any]):
-        from tracker.audio.modalities import ModalityFeatures
+        from tracker.audio.hearing import Hearing, resolve_asr
 
         self.config = load_app_config(args)
-        self.features = ModalityFeatures(served_modalities(self.config), base=self.config.features)
+        speech = self.config.speech
+        on, why = resolve_asr(self.config.asr, speech.model)
+        if not on and self.config.asr == "auto":
+            log.info("speech recognition off: %s", why)
+        self.hearing = Hearing(served_modalities(self.config), self.config.features, speech.asr_config() if on else None)
+        self.features = self.hearing.features
+        self._hear_batch.set_max_batch_size(speech.max_batch_size)
+        self._hear_batch.set_batch_wait_timeout_s(speech.batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        return self.hearing.info()
 
     async def extract(self, pcm: bytes, sample_rate: int) -> dict[str, np.ndarray] | None:
         from tracker.audio.pcm import pcm16_to_numpy
 
-        if not self.features.names:
+        if self.features is None:
             return None
         samples = pcm16_to_numpy(pcm)
         with metrics.timed("tracker_features_seconds"):
-            return await asyncio.to_thread(self.features.from_signal, samples, sample_rate)
+            return await asyncio.to_thread(self.hearing.features_of, samples, sample_rate)
+
+    async def listen(self, pcm: bytes, sample_rate: int) -> dict[str, Any]:
+        """One utterance's features and transcript (tracker.audio.hearing.Hearing.hear), batched across calls."""
+        from tracker.audio.hearing import HearRequest
+
+        return await self._hear_batch(HearRequest(pcm, sample_rate, transcribe=self.hearing.asr))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _hear_batch(self, requests: list) -> list[dict[str, Any]]:
+        # one recognizer batch: the features and transcripts of every utterance in it
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self.hearing.hear, requests)
+        transcribed = sum(1 for r in requests if r.transcribe)
+        for _ in range(transcribed):  # the batch's seconds shared by the utterances it transcribed
+            metrics.observe("tracker_asr_seconds", (time.perf_counter() - t0) / transcribed)
+        return out
 
 
 def checkpoint_path(config: AppConfig) -> Path:
@@ -108,6 +135,7 @@ class EmotionModel:
                 "label_set_full": rec.label_set.to_dict(),
                 "context_turns": rec.config.prompt.context_turns,
                 "context_min_turns": rec.config.prompt.context_min_turns, "modalities": rec.modality_names,
+                "speaker_norm": [m.name for m in rec.config.adapter.modalities if m.speaker_norm],
                 "batches": self.batches, "items": self.items, "in_flight": self.in_flight,
                 "incremental": self.labeler is not None, "kv_cache": self.model.cache_info(), "pid": os.getpid()}
 
@@ -167,6 +195,7 @@ class ContextAggregator:
         # the escalation rule, applied in the same script as each append; events queued for webhooks if any
         self.alerts = AlertEngine(self.store, self.config.alerts, outbox=bool(self.config.webhooks.endpoints))
         self._engines = {self.store.tenant: self.alerts}
+        self._normalizers = None  # {modality: SpeakerNormalizer} of the served checkpoint, read on first use
 
     def _for(self, tenant: str):
         if tenant not in self._stores:
@@ -214,6 +243,21 @@ class ContextAggregator:
     async def alert_state(self, conversation_id: str, speakers: list[str], tenant: str = "default") -> dict[str, Any]:
         """Which speakers have an alert up now."""
         return await self._engine(tenant).state(conversation_id, speakers)
+    async def speaker_normalize(self, conversation_id: str, speaker: str, utterance_id: str,
+                                features: dict[str, np.ndarray] | None, tenant: str = "default") -> dict[str, np.ndarray] | None:
+        """The served model's speaker-normalised modalities mapped by the speaker's past in this conversation
+        (tracker.context.speaker_norm); the utterance joins that past once, however often it is retried."""
+        from tracker.context.speaker_norm import SpeakerNormOps, normalizers_from_checkpoint
+
+        if not features:
+            return features
+        if self._normalizers is None:
+            self._normalizers = normalizers_from_checkpoint(checkpoint_path(self.config))
+        if not self._normalizers:
+            return features
+        store = self._for(tenant)
+        return await store.run(SpeakerNormOps(store.config, store.tenant).normalize(
+            conversation_id, speaker, utterance_id, features, self._normalizers))
 
     async def known(self, conversation_id: str, tenant: str = "default") -> bool:
         return await self._for(tenant).exists(conversation_id)

@@ -58,7 +58,8 @@ class ServePipeline:
 
     def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle,
                  tenant: str = "default", max_conversations: int = 10_000, stats: dict[str, int] | None = None,
-                 refiner: DeploymentHandle | None = None, refine_info: dict[str, Any] | None = None):
+                 refiner: DeploymentHandle | None = None, refine_info: dict[str, Any] | None = None,
+                 asr: bool = False, speaker_norm: bool = False):
         self._features = features
         self.model = model
         self.context = context
@@ -67,6 +68,8 @@ class ServePipeline:
         self.stats = stats if stats is not None else {}
         self.refiner = refiner
         self.refine_info = refine_info  # set when conversation-level refinement is on (tracker.stream.refine)
+        self.asr = asr  # speech recognition of segments without a client transcript (StreamSession, listen)
+        self.speaker_norm = speaker_norm  # the model normalises modalities per speaker (ContextAggregator keeps the stats)
 
     def _key(self, conversation_id: str) -> str:
         return f"{self.tenant}/{conversation_id}"  # KV-cache key and routing key, per tenant
@@ -76,6 +79,16 @@ class ServePipeline:
 
     async def features(self, pcm: bytes | None, sample_rate: int) -> dict[str, Any] | None:
         return await self._features.extract.remote(pcm, sample_rate) if pcm else None
+
+    async def listen(self, pcm: bytes, sample_rate: int) -> dict[str, Any]:
+        """Features and transcript of one utterance in one request (batched across conversations)."""
+        return await self._features.listen.remote(pcm, sample_rate)
+
+    async def speaker_normalize(self, conversation_id: str, speaker: str, utterance_id: str,
+                                features: dict[str, Any]) -> dict[str, Any]:
+        """Past-only, per (conversation, speaker): the stats live in Redis, idempotent per utterance."""
+        return await self.context.speaker_normalize.remote(conversation_id, speaker, utterance_id, features,
+                                                           tenant=self.tenant)
 
     async def label(self, conversation_id: str, utterance: UtteranceInput) -> dict[str, Any]:
         return await self.model.label.remote(utterance, conversation_id=self._key(conversation_id))
@@ -146,6 +159,8 @@ class Ingress:
         self.features, self.model, self.context = features, model, context
         self.refiner = refiner  # None: refinement off, every label final at once
         self._refine_info: dict[str, Any] | None = None
+        self._asr: bool | None = None  # FeatureExtractor runs speech recognition (asked once)
+        self._speaker_norm = False  # the served model normalises modalities per speaker
         self.open_streams = 0
         self.stats: dict[str, int] = {"replica_retries": 0, "auth_refused": 0, "limit_refused": 0}
         self._open: dict[tuple[str, str], int] = {}  # (route, key id) -> open connections on this replica
@@ -155,10 +170,14 @@ class Ingress:
             self.keys = AsyncKeyStore(redis_url, self.config.store.key_prefix, self.config.auth.keys)
 
     async def _pipeline(self, principal: Principal = ANONYMOUS) -> ServePipeline:
+        if self._asr is None:
+            self._speaker_norm = bool((await self.model.info.remote()).get("speaker_norm"))
+            self._asr = bool((await self.features.info.remote())["asr"])
         if self.refiner is not None and self._refine_info is None:
             self._refine_info = await self.refiner.info.remote()
         return ServePipeline(self.features, self.model, self.context, principal.tenant,
-                             self.config.limits.max_conversations_per_tenant, self.stats, self.refiner, self._refine_info)
+                             self.config.limits.max_conversations_per_tenant, self.stats, self.refiner, self._refine_info,
+                             self._asr, self._speaker_norm)
 
     # ------------------------------------------------------------------ authentication
     async def _authenticate(self, key: str | None) -> Principal:

@@ -76,7 +76,8 @@ def start_test_service(checkpoint, extra_args: dict | None = None, *, limits: di
     """
     from services.runner import LocalService
 
-    args = {**(extra_args or {}),
+    args = {"asr": "off",  # speech recognition only where a test asks for it (tests/test_service_asr.py)
+            **(extra_args or {}),
         "model": {"checkpoint": str(checkpoint), "dtype": "fp32", "max_batch_size": 4, "num_threads": 1, **model_overrides},
         "deployments": {
             "ingress": {"num_cpus": 0.1}, "feature_extractor": {"num_cpus": 0.1},

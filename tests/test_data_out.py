@@ -71,13 +71,14 @@ def test_export_gives_the_whole_call_as_jsonl_the_data_format_reads_and_as_csv(s
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(r.text)))
     assert list(rows[0]) == ["conversation_id", "seq", "utterance_id", "speaker", "start_ms", "end_ms", "text", "label",
-                             "confidence", "score", "modalities", *(f"p_{label}" for label in MELD7.labels)]
+                             "confidence", "score", "modalities", "text_source", "asr_confidence",
+                             *(f"p_{label}" for label in MELD7.labels)]
     assert [row["text"] for row in rows] == TEXTS  # commas and quotes survive
     for row, final in zip(rows, finals):
         assert int(row["seq"]) == final["seq"] and row["label"] == final["label"]
         assert float(row["confidence"]) == pytest.approx(final["probabilities"][final["label"]])
         assert sum(float(row[f"p_{label}"]) for label in MELD7.labels) == pytest.approx(1.0, abs=1e-6)
-        assert row["modalities"] == "text"
+        assert row["modalities"] == "text" and row["text_source"] == "client" and row["asr_confidence"] == ""
 
 
 def test_export_refuses_a_bad_format_and_another_tenants_or_unknown_conversation(service, tenants):

@@ -54,7 +54,7 @@ def test_training_replay_and_service_compute_identical_features(rand_model, tiny
     replay = seen[0].features
 
     fresh_cache("service-cache")
-    deployment = FeatureDeployment.func_or_class({"model": {"checkpoint": str(checkpoint)}})
+    deployment = FeatureDeployment.func_or_class({"model": {"checkpoint": str(checkpoint)}, "asr": "off"})
     samples, rate = read_audio(wav, dtype="int16", target_rate=None)
     service = asyncio.run(deployment.extract(numpy_to_pcm16(samples), rate))
 

@@ -309,6 +309,8 @@ def _start_service(args: argparse.Namespace):
         service.args = {**service.args, "model": {**service.args.get("model", {}), "checkpoint": args.checkpoint}}
     if getattr(args, "refiner", None):
         service.args = {**service.args, "refine": {**service.args.get("refine", {}), "checkpoint": args.refiner}}
+    if getattr(args, "no_transcript", False):  # the call's text must come from speech recognition
+        service.args = {**service.args, "asr": "on"}
     service.api_key = read_state().get("api_key")
     if getattr(args, "metrics_port", None):
         service.metrics_port = args.metrics_port
@@ -396,6 +398,9 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-serving", action="store_true",
                    help="keep the service (and dashboard) up after the call until Ctrl-C or SIGTERM "
                         "(the default when run from a terminal)")
+    p.add_argument("--no-transcript", action="store_true",
+                   help="stream the call's audio without its transcript: the service recognizes the speech "
+                        "(embedded Whisper, asr: on) and each label is printed with the recognized text")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -408,8 +413,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from clients.stream_client import demo_recording, stream_recording
 
     recording, meta = demo_recording()
-    gold = {(u["speaker"], u["text"]): u["label"] for u in meta["utterances"]}
-    print(f"demo call: {meta['source']}, {recording.duration_ms / 1000:.0f} s, speakers {', '.join(recording.speakers)}")
+    if args.no_transcript:
+        recording.transcripts = []
+
+    def gold_of(msg: dict) -> dict | None:
+        """The bundled utterance a result is about: same speaker, overlapping span (or the same text)."""
+        for u in meta["utterances"]:
+            if u["speaker"] != msg["speaker"]:
+                continue
+            if msg.get("start_ms") is not None and min(u["end_ms"], msg["end_ms"]) > max(u["start_ms"], msg["start_ms"]):
+                return u
+            if msg.get("start_ms") is None and u["text"] == msg["text"]:
+                return u
+        return None
+    print(f"demo call: {meta['source']}, {recording.duration_ms / 1000:.0f} s, speakers {', '.join(recording.speakers)}"
+          + ("; streamed without its transcript (the service recognizes the speech)" if args.no_transcript else ""))
     print("starting the tracker service (Ray Serve + Redis; the first start converts the embedded LLM, about a minute) ...", flush=True)
     t0 = time.time()
     conversation_id = f"demo-{uuid.uuid4().hex[:8]}"
@@ -417,13 +435,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def show(msg: dict) -> None:
         if msg.get("type") == "utterance":
             conf = msg["probabilities"][msg["label"]]
-            ref = gold.get((msg["speaker"], msg["text"]))
-            ref_txt = f"  (MELD: {ref})" if ref else ""
+            ref = gold_of(msg)
+            ref_txt = f"  (MELD: {ref['label']})" if ref else ""
             span = f"{msg['start_ms'] / 1000:5.1f}-{msg['end_ms'] / 1000:5.1f}s" if msg.get("start_ms") is not None else "   text   "
             kind = "" if not getattr(args, "refiner", None) else ("final   " if msg.get("is_final") else "interim ")
             if msg.get("revised"):
                 ref_txt += f"  (revised, was {msg.get('interim_label')})"
-            print(f"[{span}] {kind}{msg['speaker']:>8s}: {msg['label']:<8s} {conf:4.0%}{ref_txt}  \"{msg['text']}\"", flush=True)
+            heard = ""
+            if msg.get("text_source") == "asr":
+                heard = f"  [heard, confidence {msg.get('asr_confidence', 0):.2f}]"
+                if ref:
+                    heard += f"  (said: \"{ref['text']}\")"
+            print(f"[{span}] {kind}{msg['speaker']:>8s}: {msg['label']:<8s} {conf:4.0%}{ref_txt}  \"{msg['text']}\"{heard}", flush=True)
         elif msg.get("type") == "error":
             print(f"error {msg['code']}: {msg['message']}", flush=True)
 

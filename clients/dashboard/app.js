@@ -680,6 +680,9 @@
         h("span", { class: "tr-tags" },
           h("span", { class: "label-chip", text: rec.label }),
           h("span", { class: "tr-conf", text: pct(confidence(rec)) }),
+          rec.text_source === "asr" ? h("span", { class: "marker asr-marker", "data-testid": "asr",
+                                                  title: `text from the service's speech recognizer, confidence ${pct(rec.asr_confidence || 0)}`,
+                                                  text: "heard" }) : null,
           provisional ? h("span", { class: "marker provisional-marker", "data-testid": "provisional", text: "provisional" }) : null,
           revised ? h("span", { class: "marker revised-marker", "data-testid": "revised",
                                 title: `first labelled ${u.interim.label}`, text: `revised · was ${u.interim.label}` }) : null));

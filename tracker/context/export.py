@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 FORMATS = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 CSV_COLUMNS = ("conversation_id", "seq", "utterance_id", "speaker", "start_ms", "end_ms", "text", "label",
-               "confidence", "score", "modalities")
+               "confidence", "score", "modalities", "text_source", "asr_confidence")
 _TOP = ("utterance_id", "speaker", "text", "label")
 _DROPPED = ("entry_id", "conversation_id", "type")  # the stream position and duplicates of the line's own fields
 
@@ -43,7 +43,8 @@ def to_csv(conversation_id: str, utterances: Iterable[Mapping[str, Any]], labels
         writer.writerow([
             conversation_id, u.get("seq", ""), u.get("utterance_id", ""), u.get("speaker", ""), u.get("start_ms", ""),
             u.get("end_ms", ""), u.get("text", ""), u.get("label", ""), _num(probs.get(u.get("label"))),
-            _num(u.get("score")), "+".join(u.get("modalities") or ()), *(_num(probs.get(label)) for label in labels),
+            _num(u.get("score")), "+".join(u.get("modalities") or ()), u.get("text_source") or "",
+            _num(u.get("asr_confidence")), *(_num(probs.get(label)) for label in labels),
         ])
     return out.getvalue()
 

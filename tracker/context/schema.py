@@ -114,11 +114,15 @@ class Keys:
         """HASH: the escalation rule's state for one speaker (its window of labels, raised or not)."""
         return self.speaker(cid, speaker, "alert")
 
+    def speaker_norm(self, cid: str, speaker: str) -> str:
+        """HASH: the speaker's normalisation statistics per modality (tracker.context.speaker_norm)."""
+        return self.speaker(cid, speaker, "norm")
+
     def conversation_keys(self, cid: str, speakers: Iterable[str]) -> list[str]:
         """Every key that holds something of conversation `cid` (for deleting it), the index excepted."""
         out = [self.meta(cid), self.stream(cid), self.ids(cid), self.seq(cid), self.alerts(cid)]
         for s in speakers:
-            out += [self.speaker(cid, s, what) for what in ("counts", "recent", "state", "alert")]
+            out += [self.speaker(cid, s, what) for what in ("counts", "recent", "state", "alert", "norm")]
         return out
 
     def append_keys(self, cid: str, speaker: str) -> list[str]:

@@ -222,5 +222,22 @@ return out
 """
 )
 
+# Speaker normalisation state (tracker.context.speaker_norm): add one utterance to a speaker's stats, once.
+# KEYS: 1 the speaker's norm hash. ARGV: 1 utterance id, 2 the `last` the caller read ('' = none), 3 ttl s,
+#       4.. (modality, stats after, stats before) triples.
+# Returns 1 stored, 0 this utterance was the last added already (a retry), -1 another utterance went first.
+NORM_COMMIT = """
+local last = redis.call('HGET', KEYS[1], 'last') or ''
+if last == ARGV[1] then return 0 end
+if last ~= ARGV[2] then return -1 end
+for i = 4, #ARGV, 3 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1], 'prev:' .. ARGV[i], ARGV[i + 2])
+end
+redis.call('HSET', KEYS[1], 'last', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
 SCRIPTS: dict[str, str] = {"append": APPEND, "end": END, "next_seq": NEXT_SEQ, "delete": DELETE, "alert_step": ALERT_STEP,
-                           "append_alert": APPEND_ALERT}
+                           "append_alert": APPEND_ALERT, "norm_commit": NORM_COMMIT}

@@ -77,6 +77,12 @@ class Pipeline(Protocol):
 
     async def combine_judgements(self, judgements: list[dict[str, Any]], base_probs: list[float]) -> dict[str, Any]: ...
 
+    # optional, speech recognition (tracker.stream.session): ``asr: bool`` and
+    # ``async def listen(pcm, sample_rate) -> {"transcript": {...} | None, "audio_features": {...} | None}``
+    # (tracker.audio.hearing.Hearing.hear); optional, speaker normalisation: ``speaker_norm: bool`` and
+    # ``async def speaker_normalize(conversation_id, speaker, utterance_id, features) -> features``
+    # (tracker.context.speaker_norm: per (conversation, speaker) stats in Redis, idempotent per utterance)
+
 
 def build_record(conversation_id: str, job: Mapping[str, Any], pred: Mapping[str, Any],
                  features: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
@@ -88,6 +94,7 @@ def build_record(conversation_id: str, job: Mapping[str, Any], pred: Mapping[str
         "is_final": bool(job.get("is_final", True)),
         "modalities": (["text"] if job["text"].strip() else []) + (["audio"] if features is not None else []),
         "created_at": time.time(),
+        **{k: job[k] for k in ("text_source", "asr_confidence") if job.get(k) is not None},  # client | asr
     }
     if not record["is_final"]:
         record["refine"] = True  # an interim label awaiting refinement: counts as context (tracker.context.ops)
@@ -97,13 +104,21 @@ def build_record(conversation_id: str, job: Mapping[str, Any], pred: Mapping[str
 async def label_utterance(pipeline: Pipeline, conversation_id: str, job: Mapping[str, Any]) -> dict[str, Any]:
     """Label and store one utterance: ``begin`` and ``features`` in parallel, then ``label``, then ``commit``.
 
-    `job` has ``utterance_id, speaker, text, start_ms, end_ms, pcm, sample_rate, is_final``. A retried
-    utterance (``begin`` finds its final) is answered with the stored record; nothing is labelled again.
+    `job` has ``utterance_id, speaker, text, start_ms, end_ms, pcm, sample_rate, is_final`` and may
+    have ``audio_features`` (computed with its transcript), ``text_source`` and ``asr_confidence``. A
+    retried utterance (``begin`` finds its final) is answered with the stored record; nothing is labelled
+    again. A pipeline whose ``speaker_norm`` is true normalises the features per speaker before labelling.
     """
-    begun, feats = await asyncio.gather(pipeline.begin(conversation_id, job["utterance_id"]),
-                                        pipeline.features(job.get("pcm"), job["sample_rate"]))
+    async def features():
+        if "audio_features" in job:  # computed with the transcript (speech recognition: Pipeline.listen)
+            return job["audio_features"]
+        return await pipeline.features(job.get("pcm"), job["sample_rate"])
+
+    begun, feats = await asyncio.gather(pipeline.begin(conversation_id, job["utterance_id"]), features())
     if begun.final is not None:
         return begun.final
+    if feats and getattr(pipeline, "speaker_norm", False):  # past-only per (conversation, speaker), once per utterance
+        feats = await pipeline.speaker_normalize(conversation_id, job["speaker"], job["utterance_id"], feats)
     utterance = UtteranceInput(job["text"], job["speaker"], begun.context, dict(feats or {}))
     pred = await pipeline.label(conversation_id, utterance)
     return await pipeline.commit(conversation_id, build_record(conversation_id, job, pred, feats))
@@ -204,7 +219,10 @@ class LocalPipeline:
 
     def __init__(self, recognizer, store: "AsyncConversationStore", features: "ModalityFeatures | None" = None, *,
                  incremental: bool = True, max_batch_size: int = 8, max_conversations: int = 10_000,
-                 refiner=None, labeler: ModelLabeler | None = None, alerts: "AlertEngine | None" = None):
+                 refiner=None, labeler: ModelLabeler | None = None, alerts: "AlertEngine | None" = None,
+                 hearing=None):
+        """`hearing` (a tracker.audio.hearing.Hearing with a recognizer) turns on speech recognition of
+        segments without a transcript, as ``asr: on`` does in the service."""
         self.recognizer = recognizer
         self.alerts = alerts
         self.store = store
@@ -216,6 +234,29 @@ class LocalPipeline:
         self.max_conversations = max_conversations
         self.refiner = refiner
         self.refine_info = refine_info(refiner) if refiner is not None else None
+        self.hearing = hearing
+        self.asr = bool(hearing is not None and hearing.asr)
+        self.normalizers = recognizer.speaker_normalizers()  # {modality: SpeakerNormalizer} (speaker_norm: true)
+        self.speaker_norm = bool(self.normalizers)
+
+    async def listen(self, pcm: bytes, sample_rate: int) -> dict[str, Any]:
+        from tracker.audio.hearing import HearRequest
+
+        out = (await asyncio.to_thread(self.hearing.hear, [HearRequest(pcm, sample_rate)]))[0]
+        if self.extractor is None:  # a text-only pipeline: no acoustic inputs
+            out["audio_features"] = None
+        elif self.hearing.features is not self.extractor:  # this pipeline's features
+            from tracker.audio.pcm import pcm16_to_numpy
+
+            out["audio_features"] = await asyncio.to_thread(self.extractor.from_signal, pcm16_to_numpy(pcm), sample_rate)
+        return out
+
+    async def speaker_normalize(self, conversation_id: str, speaker: str, utterance_id: str,
+                                features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tracker.context.speaker_norm import SpeakerNormOps
+
+        ops = SpeakerNormOps(self.store.config, self.store.tenant)
+        return await self.store.run(ops.normalize(conversation_id, speaker, utterance_id, features, self.normalizers))
 
     def _key(self, conversation_id: str) -> str:
         return f"{self.store.tenant}/{conversation_id}"  # the prefix-cache key, per tenant

@@ -292,6 +292,9 @@ def result_message(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("conversation_id", "utterance_id", "speaker", "start_ms", "end_ms", "text", "label", "probabilities",
             "score", "seq", "is_final", "modalities")
     msg = {"type": "utterance", **{k: record.get(k) for k in keys}}
+    msg["text_source"] = record.get("text_source")  # "client", "asr" (speech recognition), None: no text
+    if record.get("asr_confidence") is not None:
+        msg["asr_confidence"] = record["asr_confidence"]
     if record.get("refined"):  # a final label from conversation-level refinement: what it revised
         msg.update({"interim_label": record.get("interim_label"), "revised": bool(record.get("revised"))})
     return msg

@@ -11,6 +11,14 @@ c's speaker that overlap it; it is released for labelling once such a transcript
 or once that channel's audio has run ``transcript_wait_ms`` past its end, or on finalize/stop.
 A transcript no segment took (speech the VAD missed) is labelled from its text alone, so no
 transcribed speech is lost.
+
+Speech recognition (a pipeline with ``asr`` true and a ``listen`` method): a segment released
+without any transcript is sent to the recognizer at once (one request gives its transcript and
+its acoustic features), while it waits in the labelling queue. A client transcript always wins:
+one that arrives for the segment before its turn to be labelled replaces the recognized text; one
+that arrives after the segment was labelled from recognized text is dropped (its final result is
+out; counted in ``transcripts_dropped``). Results say where their text came from:
+``text_source`` "client" or "asr" (None when there is no text), with ``asr_confidence``.
 """
 
 from __future__ import annotations
@@ -97,6 +105,9 @@ class _Job:
     channel: int | None = None
     explicit: bool = False  # an `utterance` event: every request gets an answer, even a retry
     released_at: float = field(default_factory=time.monotonic)  # end of speech known (wall clock, for latency)
+    hearing: asyncio.Task | None = None  # speech recognition of a job released without text (Pipeline.listen)
+    late_text: list[P.Transcript] = field(default_factory=list)  # client transcripts that came while it waited
+    labelling: bool = False  # its turn came: later transcripts no longer change it
 
 
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> int:
@@ -129,6 +140,9 @@ class StreamSession:
         self._released_at: dict[str, float] = {}  # refining: when each interim's end of speech was known
         self.results_sent = 0
         self.fatal: P.ProtocolError | None = None
+        self._hearing: list[_Job] = []  # jobs waiting for their recognized text (late client transcripts may take them)
+        self._heard: list[tuple[str, int, int]] = []  # (speaker, start, end) of recent segments labelled from ASR
+        self.transcripts_dropped = 0  # client transcripts that came after their segment was labelled from ASR
         self._refine = None  # a tracker.stream.refine.RefineStage when the pipeline refines (interim, then final)
 
     # ------------------------------------------------------------------ client messages
@@ -145,12 +159,17 @@ class StreamSession:
             if self.start is None:
                 raise P.ProtocolError(P.NOT_STARTED, f"'{kind}' before 'start': send a start message first")
             if kind == "transcript":
-                self._transcripts.append(P.parse_transcript(obj, self.start.speakers, self.limits.max_utterance_chars))
+                t = P.parse_transcript(obj, self.start.speakers, self.limits.max_utterance_chars)
+                if not self._claim_late(t):
+                    self._transcripts.append(t)
                 self._release()
             elif kind == "utterance":
                 ev = P.parse_utterance(obj, self.start.speakers, self.limits.max_utterance_audio_bytes,
                                        self.limits.max_utterance_chars)
-                self._enqueue(self._job_from_event(ev))
+                job = self._job_from_event(ev)
+                self._enqueue(job)
+                if not job.text.strip() and job.pcm:
+                    self._listen(job)
             elif kind == "keepalive":
                 pass
             elif kind == "finalize":
@@ -240,10 +259,13 @@ class StreamSession:
                 self._transcripts.remove(t)
             taken.sort(key=lambda t: t.start_ms)
             text = " ".join(t.text.strip() for t in taken if t.text.strip())
-            self._enqueue(_Job(
+            job = _Job(
                 utterance_id=f"{speaker}-{p.start_ms}", speaker=speaker, text=text, start_ms=p.start_ms,
                 end_ms=p.end_ms, pcm=p.segment.pcm, sample_rate=p.segment.sample_rate, channel=p.channel,
-            ))
+            )
+            self._enqueue(job)
+            if not text:
+                self._listen(job)
         self._pending = still
         # transcripts that no segment took and none can take any more: label them from text
         for t in list(self._transcripts):
@@ -279,6 +301,73 @@ class StreamSession:
             if ov > best_ov:
                 best, best_ov = p, ov
         return best
+
+    # ------------------------------------------------------------------ speech recognition
+    @property
+    def asr(self) -> bool:
+        return bool(getattr(self.pipeline, "asr", False)) and hasattr(self.pipeline, "listen")
+
+    def _listen(self, job: _Job) -> None:
+        """Start recognizing a queued job that has audio and no text (speech recognition on)."""
+        if not self.asr or not job.pcm:
+            return
+        job.hearing = asyncio.ensure_future(self.pipeline.listen(job.pcm, job.sample_rate))
+        if not job.explicit:
+            self._hearing.append(job)
+
+    def _claim_late(self, t: P.Transcript) -> bool:
+        """A transcript for a segment already released to the recognizer: True if it was taken (or dropped).
+
+        It goes to the waiting job it overlaps most, unless a pending segment overlaps it more; a
+        transcript mostly over a segment already labelled from recognized text is dropped.
+        """
+        best, best_ov = None, 0
+        for job in self._hearing:
+            if job.labelling or job.speaker != t.speaker:
+                continue
+            ov = _overlap(t.start_ms, t.end_ms, job.start_ms or 0, job.end_ms or 0)
+            if ov > best_ov:
+                best, best_ov = job, ov
+        pending = self._best_segment(t)
+        if pending is not None and _overlap(t.start_ms, t.end_ms, pending.start_ms, pending.end_ms) >= best_ov:
+            return False
+        if best is not None:
+            best.late_text.append(t)
+            return True
+        span = max(1, t.end_ms - t.start_ms)
+        if any(s == t.speaker and _overlap(t.start_ms, t.end_ms, a, b) >= 0.5 * span for s, a, b in self._heard):
+            self.transcripts_dropped += 1
+            log.info("transcript %s-%d came after its segment was labelled from speech recognition; dropped",
+                     t.speaker, t.start_ms)
+            return True
+        return False
+
+    async def _text_of(self, job: _Job) -> dict[str, Any]:
+        """The job's text and where it came from; for a recognized job also its features (one request)."""
+        if job.hearing is None:
+            return {"text_source": "client" if job.text.strip() else None}
+        heard = None
+        try:
+            heard = await job.hearing
+        except Exception:  # the recognizer failed: label on what there is (audio alone), the stream goes on
+            log.exception("speech recognition of %s failed", job.utterance_id)
+        job.labelling = True
+        if job in self._hearing:
+            self._hearing.remove(job)
+        out: dict[str, Any] = {"text_source": None}
+        if heard is not None and "audio_features" in heard:
+            out["audio_features"] = heard["audio_features"]
+        if job.late_text:
+            job.text = " ".join(t.text.strip() for t in sorted(job.late_text, key=lambda t: t.start_ms) if t.text.strip())
+            out["text_source"] = "client" if job.text else None
+            return out
+        transcript = (heard or {}).get("transcript") or {}
+        if transcript.get("text", "").strip():
+            job.text = transcript["text"].strip()
+            out.update(text_source="asr", asr_confidence=round(float(transcript.get("confidence", 0.0)), 4))
+            if job.start_ms is not None and job.end_ms is not None and not job.explicit:
+                self._heard = (self._heard + [(job.speaker, job.start_ms, job.end_ms)])[-64:]
+        return out
 
     def _finalize(self) -> None:
         """End every open segment now and label everything pending; the stream may go on."""
@@ -330,10 +419,12 @@ class StreamSession:
                     self._stored = await self.pipeline.stored_finals(self.start.conversation_id)
                     if job.start_ms is not None and job.end_ms is not None:
                         job.utterance_id = self._stored_id(job.speaker, job.start_ms, job.end_ms) or job.utterance_id
+                heard = await self._text_of(job)
                 payload = {
                     "utterance_id": job.utterance_id, "speaker": job.speaker, "text": job.text,
                     "start_ms": job.start_ms, "end_ms": job.end_ms, "pcm": job.pcm, "sample_rate": job.sample_rate,
                     "is_final": self._refine is None,  # refining: the base label is an interim one
+                    **heard,  # text_source, asr_confidence, and the features computed with the transcript
                 }
                 try:
                     record = await self.pipeline.label_utterance(self.start.conversation_id, payload)
@@ -412,6 +503,9 @@ class StreamSession:
                 await asyncio.wait_for(self._worker, timeout=30)
             except asyncio.TimeoutError:
                 self._worker.cancel()
+                for job in self._hearing:
+                    if job.hearing is not None:
+                        job.hearing.cancel()
             if not self.stopped:
                 # the connection went: close the windows now so every stored interim gets its final
                 await self._finish_refinement()
