@@ -325,6 +325,7 @@ def deploy_yaml(cluster: Cluster, checkpoint: Path) -> Path:
     raw["http_options"] = {"host": "127.0.0.1", "port": cluster.http_port}
     args = raw["applications"][0]["args"]
     args["model"].update(checkpoint=str(checkpoint), dtype="fp32", max_batch_size=4, num_threads=1)
+    args["asr"] = "off"  # the calls bring their transcripts
     d = args["deployments"]
     # one ingress replica per node (each node has one `ingress_slot`): the calls on node2's lose their connection
     d["ingress"] = {"num_replicas": 2, "num_cpus": 0.1, "resources": {"ingress_slot": 1}}
