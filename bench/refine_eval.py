@@ -126,7 +126,7 @@ def main() -> None:
     from tracker.labels import MELD7
 
     checkpoint = Path(args.checkpoint or default_checkpoint())
-    tag = R._checkpoint_tag(checkpoint)
+    tag = R._cache_tag(checkpoint)  # names the features `tracker train-refiner` cached
     cache = Path(args.cache) if args.cache else cache_dir() / "refiner-features"
     train_key, dev_key = R._key("meld:train", args.train_dialogues, 0), R._key("meld:dev", 0, 0)
     dev_convs = R.sample_conversations("meld:dev", 0)

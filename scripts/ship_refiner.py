@@ -41,10 +41,10 @@ def main() -> None:
     base_ckpt = default_checkpoint()
     data = ckpt.read_config(base_ckpt)
     label_set = LabelSet.from_dict(data["label_set"])
-    tag = R._checkpoint_tag(base_ckpt)
+    tag, ctag = R._checkpoint_tag(base_ckpt), R._cache_tag(base_ckpt)
     cache = cache_dir() / "refiner-features"
-    train = load_cached(cache, tag, R._key("meld:train", args.train_dialogues, 0), args.window, args.stride, args.head_layer)
-    dev = load_cached(cache, tag, R._key("meld:dev", 0, 0), args.window, args.stride, args.head_layer)
+    train = load_cached(cache, ctag, R._key("meld:train", args.train_dialogues, 0), args.window, args.stride, args.head_layer)
+    dev = load_cached(cache, ctag, R._key("meld:dev", 0, 0), args.window, args.stride, args.head_layer)
     config = RefinerConfig(backbone=data["backbone"], label_set=label_set.name, window=args.window, stride=args.stride,
                            head_layer=args.head_layer)
     model = R.CachedRefiner(config, label_set, int(train[0]["hidden"].shape[-1]), seed=args.seed)

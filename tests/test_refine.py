@@ -219,3 +219,34 @@ def test_cached_features_match_the_live_forward_and_training_runs(tiny_backbone,
     assert fit.best_step % 10 == 0 and 0 <= fit.dev_wf1 <= 1 and len(fit.history) == 3
     probs = R.predict(ref, (slots, base))
     assert probs.shape == (20, 7) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_base_probabilities_use_the_served_block_window_and_the_cache_follows_the_config(tiny_backbone, tmp_path):
+    """The refiner learns from the base probabilities the service produces: context_first's block-sliding window."""
+    import dataclasses
+
+    from tracker.context_window import window_turns
+    from tracker.data.records import Utterance, build_conversation
+    from tracker.model.adapter import AdapterConfig
+    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+    from tracker.model.prompt import PromptConfig
+    from tracker.training import refine as R
+    from tracker.types import Turn, UtteranceInput
+
+    torch.manual_seed(0)
+    prompt = PromptConfig(layout="context_first", context_turns=4, context_min_turns=2, max_context_line_tokens=16,
+                          max_context_tokens=200)
+    rec = EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32", prompt=prompt,
+                                                            adapter=AdapterConfig(d_model=16, n_pseudo_tokens=2)))
+    labels = rec.label_set.labels
+    conv = build_conversation("c", [Utterance("c", f"u{i}", i, "AB"[i % 2], f"line {i}", label=labels[i % 3]) for i in range(9)])
+    base = R.base_probabilities(rec, [conv], tmp_path / "base.npz")
+    turns = [Turn(u.speaker, u.text) for u in conv]
+    served = [UtteranceInput(u.text, u.speaker, tuple(window_turns(turns[:i], i, 4, 2))) for i, u in enumerate(conv)]
+    assert [len(it.context) for it in served] == [0, 1, 2, 3, 4, 2, 3, 4, 2]  # the block window, not always the last 4
+    np.testing.assert_allclose(base["base"], rec.predict_proba(served), atol=1e-5)
+    ckpt = rec.save_pretrained(tmp_path / "a")
+    tag, ctag = R._checkpoint_tag(ckpt), R._cache_tag(ckpt)
+    rec.config = dataclasses.replace(rec.config, temperature=0.8)
+    again = rec.save_pretrained(tmp_path / "b")
+    assert R._checkpoint_tag(again) == tag and R._cache_tag(again) != ctag  # same weights, new probabilities

@@ -242,12 +242,12 @@ def cmd_train_refiner(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint or default_checkpoint())
     rec = EmotionRecognizer.from_pretrained(checkpoint)
     cache = Path(args.cache) if args.cache else cache_dir() / "refiner-features"
-    tag = R._checkpoint_tag(checkpoint)
+    tag, ctag = R._checkpoint_tag(checkpoint), R._cache_tag(checkpoint)
     data = {}
     for name, spec, limit in (("train", args.train, args.train_dialogues), ("dev", args.dev, args.dev_dialogues)):
         convs = R.sample_conversations(spec, limit)
         key = R._key(spec, limit, 0)
-        data[name] = (convs, R.base_probabilities(rec, convs, cache / f"base-{tag}-{key}.npz"), key)
+        data[name] = (convs, R.base_probabilities(rec, convs, cache / f"base-{ctag}-{key}.npz"), key)
     results = {"checkpoint": str(checkpoint), "train": args.train, "train_dialogues": len(data["train"][0]),
                "train_utterances": int(len(data["train"][1]["labels"])), "dev": args.dev,
                "dev_utterances": int(len(data["dev"][1]["labels"])), "refiners": []}
@@ -257,7 +257,7 @@ def cmd_train_refiner(args: argparse.Namespace) -> int:
         refiner = Refiner(rec.backbone, config, rec.label_set)
         slots = {}
         for name, (convs, base, key) in data.items():
-            slots[name] = R.slot_states(refiner, convs, base["base"], cache / f"slots-{tag}-{key}-w{w}s{s}-L{args.head_layer}.npz")
+            slots[name] = R.slot_states(refiner, convs, base["base"], cache / f"slots-{ctag}-{key}-w{w}s{s}-L{args.head_layer}.npz")
         fit = R.fit(refiner, (slots["train"], data["train"][1]), (slots["dev"], data["dev"][1]), steps=args.steps,
                     lr=args.lr, aux=args.aux)
         out = Path(args.out) / f"w{w}s{s}"

@@ -46,7 +46,15 @@ def _key(spec: str, limit: int, seed: int) -> str:
 
 
 def _checkpoint_tag(path: str | Path) -> str:
+    """The base adapter's weights (what a refiner records as ``base_checkpoint_sha1``, and the service checks)."""
     return hashlib.sha1((Path(path) / "model.safetensors").read_bytes()).hexdigest()[:10]
+
+
+def _cache_tag(path: str | Path) -> str:
+    """Names the cached features: the weights and the config, so a new temperature or prompt window recomputes them."""
+    h = hashlib.sha1((Path(path) / "model.safetensors").read_bytes())
+    h.update((Path(path) / "config.json").read_bytes())
+    return h.hexdigest()[:10]
 
 
 def base_probabilities(recognizer: EmotionRecognizer, convs: list[Conversation], cache: Path, batch_size: int = 8) -> dict[str, np.ndarray]:
@@ -54,7 +62,9 @@ def base_probabilities(recognizer: EmotionRecognizer, convs: list[Conversation],
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    examples = examples_from_conversations(convs, recognizer.label_set, recognizer.config.prompt.context_turns)
+    prompt = recognizer.config.prompt  # the context window the service gives the base model (block-sliding for context_first)
+    examples = examples_from_conversations(convs, recognizer.label_set, prompt.context_turns,
+                                           context_min_turns=prompt.context_min_turns)
     conv_of = [ci for ci, c in enumerate(convs) for u in c if u.label is not None]
     if len(examples) != sum(len(c) for c in convs):
         raise ValueError("every utterance needs a gold label for refiner training")
