@@ -94,3 +94,48 @@ def test_shipped_adapter_hears_emotion_in_ravdess_dev_audio(gemma, ravdess_dir):
     gold = np.array([ex.label for ex in examples])
     assert len(set(pred.tolist())) >= 4  # not one label for every clip
     assert (pred == gold).mean() >= 0.35  # chance is 1/7 to 1/5 here; the full dev split is in BENCHMARKS.md
+
+
+def test_shipped_model_labels_a_live_conversation_on_the_cached_path(gemma):
+    """Issue 15: the shipped model is context_first, so a live conversation's second and later
+    utterances reuse its prefix cache (a hit, or a rebuild when the block-sliding window jumps),
+    and the cached distributions equal the uncached ones (bf16: within a small tolerance)."""
+    import asyncio
+    import json
+
+    from tracker.context.redis_server import EmbeddedRedis
+    from tracker.context.store import AsyncConversationStore
+    from tracker.context_window import window_start, window_turns
+    from tracker.model.default import SHIPPED, default_checkpoint
+    from tracker.model.recognizer import EmotionRecognizer
+    from tracker.stream.pipeline import LocalPipeline
+    from tracker.types import Turn, UtteranceInput
+
+    rec = EmotionRecognizer.from_pretrained(default_checkpoint(), backbone=gemma)
+    prompt = rec.config.prompt
+    assert prompt.layout == "context_first", "the shipped model must take the cached path"
+    demo = json.loads((SHIPPED.parent / "demo" / "conversation.json").read_text())["utterances"]
+
+    async def go(url: str):
+        async with AsyncConversationStore(url, label_set=rec.label_set) as store:
+            pipeline = LocalPipeline(rec, store)  # text only: the transcript's turns
+            out = []
+            for u in demo:
+                job = {"utterance_id": f"u{u['utterance_id']}", "speaker": u["speaker"], "text": u["text"],
+                       "start_ms": u["start_ms"], "end_ms": u["end_ms"], "sample_rate": 16000}
+                out.append(await pipeline.label_utterance("live-cached", job))
+            return pipeline, out
+
+    with EmbeddedRedis() as server:
+        pipeline, out = asyncio.run(go(server.url))
+    n = len(demo)
+    assert n >= 6 and [r["seq"] for r in out] == list(range(1, n + 1))
+    stats = pipeline.labeler.labeler.cache.stats
+    M, m = prompt.context_turns, prompt.context_min_turns
+    jumps = sum(window_start(i, M, m) != window_start(i - 1, M, m) for i in range(1, n))
+    assert stats.misses == 1 and stats.rebuilds == jumps and stats.hits == n - 1 - jumps > 0, stats
+    turns = [Turn(u["speaker"], u["text"]) for u in demo]
+    plain = rec.predict_proba([UtteranceInput(t.text, t.speaker, tuple(window_turns(turns[:i], i, M, m)))
+                               for i, t in enumerate(turns)], batch_size=4)
+    cached = np.array([[r["probabilities"][k] for k in rec.label_set.labels] for r in out])
+    assert np.abs(plain - cached).max() < 0.05
