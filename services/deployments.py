@@ -139,6 +139,11 @@ class EmotionModel:
                 "batches": self.batches, "items": self.items, "in_flight": self.in_flight,
                 "incremental": self.labeler is not None, "kv_cache": self.model.cache_info(), "pid": os.getpid()}
 
+    def speaker_normalizers(self) -> dict[str, Any]:
+        """{modality: tracker.audio.speaker_norm.SpeakerNormalizer} of the served model (numpy only):
+        the ingress normalises features with them, against the state `ContextAggregator.begin` read."""
+        return self.recognizer.speaker_normalizers()
+
     def set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         """Retune this replica's batching while it serves (a new replica starts with the configured values)."""
         if max_batch_size < 1 or batch_wait_timeout_s < 0:
@@ -207,23 +212,31 @@ class ContextAggregator:
             self._engines[tenant] = self.alerts.with_tenant(tenant)
         return self._engines[tenant]
 
-    async def begin(self, conversation_id: str, utterance_id: str, tenant: str = "default"):
-        """The utterance's stored final (a retry) or its context window: one Redis round trip
-        (a tracker.stream.pipeline.Begun, its turns as tracker.types.Turn)."""
+    async def begin(self, conversation_id: str, utterance_id: str, speaker: str | None = None, tenant: str = "default"):
+        """The utterance's stored final (a retry) or its context window, and `speaker`'s normalisation
+        state when given: one Redis round trip (a tracker.stream.pipeline.Begun)."""
         from tracker.stream.pipeline import Begun
 
-        final, index, turns = await self._for(tenant).begin(conversation_id, utterance_id, self.max_turns, self.min_turns)
-        return Begun(final, index, tuple(turns))
+        final, index, turns, state = await self._for(tenant).begin(conversation_id, utterance_id, self.max_turns,
+                                                                   self.min_turns, speaker)
+        return Begun(final, index, tuple(turns), state)
 
-    async def commit(self, conversation_id: str, record: dict[str, Any], tenant: str = "default") -> dict[str, Any]:
-        """Store a result once and apply the escalation rule to it: one script, one Redis round trip.
+    async def commit(self, conversation_id: str, record: dict[str, Any], norm=None, tenant: str = "default") -> dict[str, Any]:
+        """Store a result once, apply the escalation rule to it and write the speaker-norm update
+        `norm` (a tracker.context.speaker_norm.NormWrite) if given: one script, one Redis round trip.
 
         The append script assigns ``seq``. Returns the stored record (for a retried utterance id the
         one stored first) with ``alerts``: the alert events it caused, as dicts (also on a retry).
         """
         record = dict(record)
         record.setdefault("created_at", time.time())
-        done = await self._engine(tenant).append(conversation_id, record)
+        done = await self._engine(tenant).append(conversation_id, record, norm)
+        if done.norm_conflict:  # another utterance of the speaker went first: add this one to the newer state
+            from tracker.context.speaker_norm import add_after_conflict, normalizers_from_checkpoint
+
+            if self._normalizers is None:
+                self._normalizers = normalizers_from_checkpoint(checkpoint_path(self.config))
+            await add_after_conflict(self._for(tenant), conversation_id, record, norm, self._normalizers)
         if done.stored:
             metrics.inc("tracker_utterances_labelled", final=str(bool(record.get("is_final", True))).lower())
             for e in done.events:
@@ -232,7 +245,7 @@ class ContextAggregator:
 
     async def record(self, conversation_id: str, record: dict[str, Any], tenant: str = "default") -> dict[str, Any]:
         """`commit` under its former name."""
-        return await self.commit(conversation_id, record, tenant)
+        return await self.commit(conversation_id, record, tenant=tenant)
 
     async def watch_since(self, conversation_id: str, after: str, alerts_after: str, block_ms: int = 1000,
                           count: int = 100, tenant: str = "default") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -243,22 +256,6 @@ class ContextAggregator:
     async def alert_state(self, conversation_id: str, speakers: list[str], tenant: str = "default") -> dict[str, Any]:
         """Which speakers have an alert up now."""
         return await self._engine(tenant).state(conversation_id, speakers)
-    async def speaker_normalize(self, conversation_id: str, speaker: str, utterance_id: str,
-                                features: dict[str, np.ndarray] | None, tenant: str = "default") -> dict[str, np.ndarray] | None:
-        """The served model's speaker-normalised modalities mapped by the speaker's past in this conversation
-        (tracker.context.speaker_norm); the utterance joins that past once, however often it is retried."""
-        from tracker.context.speaker_norm import SpeakerNormOps, normalizers_from_checkpoint
-
-        if not features:
-            return features
-        if self._normalizers is None:
-            self._normalizers = normalizers_from_checkpoint(checkpoint_path(self.config))
-        if not self._normalizers:
-            return features
-        store = self._for(tenant)
-        return await store.run(SpeakerNormOps(store.config, store.tenant).normalize(
-            conversation_id, speaker, utterance_id, features, self._normalizers))
-
     async def known(self, conversation_id: str, tenant: str = "default") -> bool:
         return await self._for(tenant).exists(conversation_id)
 

@@ -54,12 +54,14 @@ class ServePipeline:
     Per utterance: ``features`` (FeatureExtractor) in parallel with ``begin`` (ContextAggregator,
     one Redis round trip), then ``label`` (EmotionModel, routed to the conversation's replica), then
     ``commit`` (ContextAggregator, one Redis round trip): 4 Ray calls in 3 rounds, 3 without audio.
+    A speaker_norm model adds none: ``begin`` reads the speaker's state, the features are normalised
+    here (numpy, `normalizers`), and ``commit`` writes the state in its script.
     """
 
     def __init__(self, features: DeploymentHandle, model: DeploymentHandle, context: DeploymentHandle,
                  tenant: str = "default", max_conversations: int = 10_000, stats: dict[str, int] | None = None,
                  refiner: DeploymentHandle | None = None, refine_info: dict[str, Any] | None = None,
-                 asr: bool = False, speaker_norm: bool = False):
+                 asr: bool = False, normalizers: dict[str, Any] | None = None):
         self._features = features
         self.model = model
         self.context = context
@@ -69,13 +71,13 @@ class ServePipeline:
         self.refiner = refiner
         self.refine_info = refine_info  # set when conversation-level refinement is on (tracker.stream.refine)
         self.asr = asr  # speech recognition of segments without a client transcript (StreamSession, listen)
-        self.speaker_norm = speaker_norm  # the model normalises modalities per speaker (ContextAggregator keeps the stats)
+        self.normalizers = normalizers or {}  # {modality: SpeakerNormalizer} when the model normalises per speaker
 
     def _key(self, conversation_id: str) -> str:
         return f"{self.tenant}/{conversation_id}"  # KV-cache key and routing key, per tenant
 
-    async def begin(self, conversation_id: str, utterance_id: str) -> Begun:
-        return await self.context.begin.remote(conversation_id, utterance_id, tenant=self.tenant)
+    async def begin(self, conversation_id: str, utterance_id: str, speaker: str | None = None) -> Begun:
+        return await self.context.begin.remote(conversation_id, utterance_id, speaker, tenant=self.tenant)
 
     async def features(self, pcm: bytes | None, sample_rate: int) -> dict[str, Any] | None:
         return await self._features.extract.remote(pcm, sample_rate) if pcm else None
@@ -84,17 +86,11 @@ class ServePipeline:
         """Features and transcript of one utterance in one request (batched across conversations)."""
         return await self._features.listen.remote(pcm, sample_rate)
 
-    async def speaker_normalize(self, conversation_id: str, speaker: str, utterance_id: str,
-                                features: dict[str, Any]) -> dict[str, Any]:
-        """Past-only, per (conversation, speaker): the stats live in Redis, idempotent per utterance."""
-        return await self.context.speaker_normalize.remote(conversation_id, speaker, utterance_id, features,
-                                                           tenant=self.tenant)
-
     async def label(self, conversation_id: str, utterance: UtteranceInput) -> dict[str, Any]:
         return await self.model.label.remote(utterance, conversation_id=self._key(conversation_id))
 
-    async def commit(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        return await self.context.commit.remote(conversation_id, record, tenant=self.tenant)
+    async def commit(self, conversation_id: str, record: dict[str, Any], norm=None) -> dict[str, Any]:
+        return await self.context.commit.remote(conversation_id, record, norm, tenant=self.tenant)
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         """Label and store one utterance; retried while a replica that died mid-request is replaced.
@@ -160,7 +156,7 @@ class Ingress:
         self.refiner = refiner  # None: refinement off, every label final at once
         self._refine_info: dict[str, Any] | None = None
         self._asr: bool | None = None  # FeatureExtractor runs speech recognition (asked once)
-        self._speaker_norm = False  # the served model normalises modalities per speaker
+        self._normalizers: dict[str, Any] = {}  # the served model's speaker normalisers (numpy), if any
         self.open_streams = 0
         self.stats: dict[str, int] = {"replica_retries": 0, "auth_refused": 0, "limit_refused": 0}
         self._open: dict[tuple[str, str], int] = {}  # (route, key id) -> open connections on this replica
@@ -171,13 +167,14 @@ class Ingress:
 
     async def _pipeline(self, principal: Principal = ANONYMOUS) -> ServePipeline:
         if self._asr is None:
-            self._speaker_norm = bool((await self.model.info.remote()).get("speaker_norm"))
+            if (await self.model.info.remote()).get("speaker_norm"):
+                self._normalizers = await self.model.speaker_normalizers.remote()
             self._asr = bool((await self.features.info.remote())["asr"])
         if self.refiner is not None and self._refine_info is None:
             self._refine_info = await self.refiner.info.remote()
         return ServePipeline(self.features, self.model, self.context, principal.tenant,
                              self.config.limits.max_conversations_per_tenant, self.stats, self.refiner, self._refine_info,
-                             self._asr, self._speaker_norm)
+                             self._asr, self._normalizers)
 
     # ------------------------------------------------------------------ authentication
     async def _authenticate(self, key: str | None) -> Principal:

@@ -192,7 +192,7 @@ def test_append_stores_the_final_and_steps_the_rule_in_one_round_trip_and_a_retr
         c = engine.append("c1", _record(i, "Customer", label))
         assert c.stored and c.seq == i + 1
         got += [(e.kind, e.utterance_id, e.seq) for e in c.events]
-    assert len(steps) == len(labels) and all(s.name == "append_alert" for s in steps)  # one script per final
+    assert len(steps) == len(labels) and all(s.name == "commit" for s in steps)  # one script per final
     assert got == [("raised", "u3", 4), ("cleared", "u5", 6)]
     assert [r["label"] for r in store.history("c1")] == labels and [r["seq"] for r in store.history("c1")] == [1, 2, 3, 4, 5, 6, 7]
     stored = engine.events("c1")

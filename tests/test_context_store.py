@@ -472,7 +472,7 @@ def test_begin_and_commit_take_one_round_trip_each(redis_server_url, raw, cfg):
     store.commit("c", rec("warm"))  # loads the script (EVALSHA after the first run)
     for i in range(12):
         before = CountingRedis.trips
-        final, index, ctx = store.begin("c", f"u{i}", max_turns=4, min_turns=2)
+        final, index, ctx, _ = store.begin("c", f"u{i}", max_turns=4, min_turns=2)
         assert CountingRedis.trips - before == 1
         assert final is None and index == i + 1
         assert ctx == store.context_window("c", 4, 2)[1]
@@ -489,7 +489,7 @@ def test_begin_returns_a_stored_final_and_commit_the_first_copy(store):
     first = store.commit("c", rec("u1", "anger"))
     again = store.commit("c", rec("u1", "joy"))  # a retry with another label: the first copy wins
     assert again["label"] == "anger" and again["seq"] == first["seq"] == 1 and again["entry_id"] == first["entry_id"]
-    final, _, ctx = store.begin("c", "u1", 8)
+    final, _, ctx, _ = store.begin("c", "u1", 8)
     assert final is not None and final["label"] == "anger" and final["seq"] == 1 and ctx == []
     for i in range(40):  # the final is no longer in the newest page: one more read finds it
         store.commit("c", rec(f"x{i}"))
@@ -504,5 +504,5 @@ async def test_async_begin_commit(redis_server_url, cfg):
     async with AsyncConversationStore(redis_server_url, cfg, MELD7) as s:
         stored = await s.commit("a", rec("u1"))
         assert stored["seq"] == 1
-        final, index, ctx = await s.begin("a", "u2", 3)
+        final, index, ctx, _ = await s.begin("a", "u2", 3)
         assert final is None and index == 1 and ctx == [Turn("A", "text of u1")]

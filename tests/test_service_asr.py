@@ -96,15 +96,28 @@ def test_call_without_transcripts_gets_recognized_text_and_speaker_norm_state(se
         h = {k.decode(): v.decode() for k, v in raw.hgetall(keys[0]).items()}
         spoken = sum(1 for s, _ in TURNS if s == speaker)
         assert int(h["n"]) == spoken and json.loads(h["audio_functionals"])["utterances"] == spoken
-    # a retried utterance (the ContextAggregator asked again for the last one) changes no byte in Redis
+    # a retried utterance changes no byte in Redis: `begin` answers it with its stored final, and the
+    # state it reads says it was added already; a retried commit (a duplicate) writes nothing either
     import numpy as np
 
+    from tracker.context.speaker_norm import NormWrite, normalize_with_state
+
     context = serve.get_deployment_handle("ContextAggregator", app_name="tracker")
+    model = serve.get_deployment_handle("EmotionModel", app_name="tracker")
     key = next(raw.scan_iter(match=f"*{cid}:spk:{speakers[0]}:norm"))
     before = raw.hgetall(key)
+    last = before[b"last"].decode()
+    begun = context.begin.remote(cid, last, speakers[0], tenant="default").result()
+    assert begun.final is not None and begun.final["utterance_id"] == last
+    assert begun.speaker_state == {k.decode(): v.decode() for k, v in before.items()}
     feats = {"audio_functionals": np.ones((1, 88), dtype=np.float32)}
-    again = context.speaker_normalize.remote(cid, speakers[0], before[b"last"].decode(), feats, tenant="default").result()
-    assert again["audio_functionals"].shape == (1, 88) and raw.hgetall(key) == before
+    normalizers = model.speaker_normalizers.remote().result()
+    out, write = normalize_with_state(begun.speaker_state, last, feats, normalizers)
+    assert write is None and out["audio_functionals"].shape == (1, 88)
+    record = {k: begun.final[k] for k in ("utterance_id", "speaker", "text", "label", "probabilities", "score", "is_final")}
+    stale = NormWrite("another-utterance", ("audio_functionals", "{}", "{}"), feats)
+    again = context.commit.remote(cid, record, stale, tenant="default").result()
+    assert again["seq"] == begun.final["seq"] and raw.hgetall(key) == before
     # the cost of recognition in the service (FeatureExtractor's own clock)
     info = serve.get_deployment_handle("FeatureExtractor", app_name="tracker").info.remote().result()
     assert info["asr"] and info["recognized"] >= len(TURNS) and info["asr_model"] == "tiny.en"

@@ -329,3 +329,69 @@ def test_affinity_router_ranks_the_home_replica_first_and_falls_back():
     assert ranks({"conversation_id": "default/c1"}, gone)[0] == [home[1]]
     plain = ranks({})  # no conversation: two random replicas
     assert len(plain) == 1 and len(plain[0]) == 2
+
+
+def test_speaker_norm_model_still_two_round_trips_and_past_only(tiny_backbone, redis_url):
+    """A speaker_norm model: `begin` reads the speaker's state in its pipeline and `commit` writes it in
+    its script, so an utterance still costs 2 Redis round trips; the model sees each speaker's features
+    normalised by that speaker's earlier utterances only; a commit that finds another utterance of the
+    speaker first (a second connection) still adds its own, once."""
+    import numpy as np
+
+    from tracker.audio.speaker_norm import SpeakerStats
+    from tracker.context.store import AsyncConversationStore
+    from tracker.model.adapter import AdapterConfig, ModalityConfig
+    from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
+    from tracker.stream.pipeline import LocalPipeline, label_utterance
+
+    mods = [ModalityConfig("audio_functionals", 88, source="egemaps_functionals", speaker_norm=True)]
+    rec = EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", dtype="fp32", adapter=AdapterConfig(
+        d_model=32, n_pseudo_tokens=4, modalities=mods)))
+    norm = rec.speaker_normalizers()["audio_functionals"]
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(1, 88)).astype(np.float32) for _ in range(6)]
+    speakers = ["A", "B", "A", "A", "B", "A"]
+    cid = f"sn-{uuid.uuid4().hex[:8]}"
+
+    async def go():
+        store = AsyncConversationStore(Counting.from_url(redis_url), label_set=rec.label_set)
+        p = LocalPipeline(rec, store)
+        seen = []
+        label = p.label
+
+        async def spy(conversation_id, utterance):
+            seen.append(utterance.features["audio_functionals"])
+            return await label(conversation_id, utterance)
+
+        p.label = spy
+        await p.commit(cid, {"utterance_id": "warm", "speaker": "Z", "start_ms": 0, "end_ms": 1, "text": "hi",
+                             "label": "neutral", "is_final": True})  # loads the script
+        trips = []
+        for i, (spk, f) in enumerate(zip(speakers, feats)):
+            before = Counting.trips
+            await p.label_utterance(cid, {"utterance_id": f"u{i}", "speaker": spk, "text": f"line {i}", "start_ms": i,
+                                          "end_ms": i + 1, "sample_rate": 16000, "audio_features": {"audio_functionals": f}})
+            trips.append(Counting.trips - before)
+        # two connections on one conversation: u7 reads A's state, u6 commits meanwhile, then u7 commits
+        other = LocalPipeline(rec, store, labeler=p.labeler)
+        begun = await p.begin(cid, "u7", "A")
+        await other.label_utterance(cid, {"utterance_id": "u6", "speaker": "A", "text": "six", "start_ms": 6,
+                                          "end_ms": 7, "sample_rate": 16000, "audio_features": {"audio_functionals": feats[0]}})
+        from tracker.context.speaker_norm import SpeakerNormOps, normalize_with_state
+
+        _, write = normalize_with_state(begun.speaker_state, "u7", {"audio_functionals": feats[1]}, p.normalizers)
+        await p.commit(cid, {"utterance_id": "u7", "speaker": "A", "start_ms": 7, "end_ms": 8, "text": "seven",
+                             "label": "neutral", "is_final": True}, write)
+        state = await store.run(SpeakerNormOps(store.config, store.tenant).state(cid, "A"))
+        await store.aclose()
+        return trips, seen, state
+
+    trips, seen, state = asyncio.run(go())
+    assert trips[1:] == [2] * (len(speakers) - 1) and trips[0] <= 4  # the first also loads the commit script
+    past: dict[str, SpeakerStats] = {}
+    for spk, f, got in zip(speakers, feats, seen):
+        expected = norm.normalize(f, past.get(spk))  # the speaker's earlier utterances only
+        assert np.allclose(got, expected, atol=1e-5)
+        past.setdefault(spk, norm.new_stats()).update(f)
+    assert any(not np.allclose(g, f) for g, f in zip(seen[2:], feats[2:]))  # a past changed what the model saw
+    assert state["n"] == speakers.count("A") + 2 and state["last"] == "u7"  # u6 and u7 both added, once each

@@ -468,7 +468,7 @@ def test_local_pipeline_recognizes_and_keeps_speaker_norm_state(call8k, hearing,
     async def go():
         store = AsyncConversationStore(redis_url, StoreConfig(key_prefix=prefix), MELD7)
         pipe = LocalPipeline(rec, store, hearing.features, hearing=hearing)
-        assert pipe.asr and pipe.speaker_norm
+        assert pipe.asr and set(pipe.normalizers) == {"audio_functionals"}
         out, _ = await stream(pipe, samples, spans, "none")
         await store.aclose()
         return out

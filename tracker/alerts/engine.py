@@ -11,13 +11,16 @@ stream are updated atomically, and applying the same final twice (a retry) chang
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from tracker.context.alerts import AlertOps
 from tracker.context.store import AsyncConversationStore, ConversationStore
 from tracker.labels import LabelSet
 
 from .rule import AlertEvent, EscalationConfig, EscalationRule
+
+if TYPE_CHECKING:
+    from tracker.context.speaker_norm import NormWrite
 
 Store = Union[AsyncConversationStore, ConversationStore]
 
@@ -30,6 +33,7 @@ class Committed:
     stored: bool
     record: dict[str, Any]
     events: list[AlertEvent]
+    norm_conflict: bool = False  # the speaker-norm write found another utterance first (add it again)
 
     @property
     def seq(self) -> int | None:
@@ -74,8 +78,9 @@ class AlertEngine:
         return self._ops.step(record["conversation_id"], record["speaker"], record["utterance_id"], int(record["seq"]),
                               label, self.rule.is_negative(label), c.window, c.raise_at, c.clear_at, self.outbox)
 
-    def _append_op(self, conversation_id: str, record: Mapping[str, Any]):
-        """The one-script op storing `record` and stepping the rule when it looks at it."""
+    def _append_op(self, conversation_id: str, record: Mapping[str, Any], norm: "NormWrite | None" = None):
+        """The one-script op storing `record`, stepping the rule when it looks at it, and writing the
+        speaker-norm update `norm` when given."""
         rec = {**record, "conversation_id": conversation_id}
         append = self.store._ops.append_eval(conversation_id, rec)  # validates the record (ValueError)
         c = self.config
@@ -83,20 +88,22 @@ class AlertEngine:
         if looks and rec["label"] not in self.rule.label_set.labels:
             raise ValueError(f"label {rec['label']!r} is not in label set {self.rule.label_set.name!r}")
         negative = self.rule.is_negative(rec["label"]) if looks else None
-        return self._ops.append_step(append, rec, negative, c.window, c.raise_at, c.clear_at, self.outbox)
+        return self._ops.append_step(append, rec, negative, c.window, c.raise_at, c.clear_at, self.outbox,
+                                     self.store._ops.norm_args(conversation_id, rec, norm))
 
     @staticmethod
     def _committed(reply) -> "Committed":
-        stored, record, fields = reply
-        return Committed(stored, record, [AlertEvent.from_fields(fields)] if fields else [])
+        stored, record, fields, norm_result = reply
+        return Committed(stored, record, [AlertEvent.from_fields(fields)] if fields else [], norm_result < 0)
 
-    async def append(self, conversation_id: str, record: Mapping[str, Any]) -> "Committed":
+    async def append(self, conversation_id: str, record: Mapping[str, Any], norm: "NormWrite | None" = None) -> "Committed":
         """Store `record` (like `store.append`) and apply the rule to it, in one Redis round trip.
 
         Without a ``seq`` in the record the store assigns the next one. A duplicate (the same
         utterance id and finality again) stores nothing and returns the events the first one caused.
+        `norm` (tracker.context.speaker_norm.normalize_with_state) is written in the same script.
         """
-        return self._committed(await self.store.run(self._append_op(conversation_id, record)))
+        return self._committed(await self.store.run(self._append_op(conversation_id, record, norm)))
 
     def _event(self, fields: dict[str, Any] | None) -> list[AlertEvent]:
         return [AlertEvent.from_fields(fields)] if fields else []
@@ -126,8 +133,9 @@ class AlertEngine:
 class SyncAlertEngine(AlertEngine):
     """`AlertEngine` for the blocking `ConversationStore` (replay, tests, tools)."""
 
-    def append(self, conversation_id: str, record: Mapping[str, Any]) -> "Committed":  # type: ignore[override]
-        return self._committed(self.store.run(self._append_op(conversation_id, record)))
+    def append(self, conversation_id: str, record: Mapping[str, Any],  # type: ignore[override]
+               norm: "NormWrite | None" = None) -> "Committed":
+        return self._committed(self.store.run(self._append_op(conversation_id, record, norm)))
 
     def on_final_committed(self, record: Mapping[str, Any]) -> list[AlertEvent]:  # type: ignore[override]
         op = self._step_op(record)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
-from .ops import _ENTRY_ID, Batch, Call, Eval, Op, _one, committed_record
+from .ops import _ENTRY_ID, Batch, Call, Eval, Op, _one, commit_eval, committed_record, split_commit_reply
 from .schema import Keys, StoreConfig, alert_outbox_key, as_str, check_id, decode_entries, decode_hash
 
 ALERTS_MAXLEN = 10_000  # per conversation (approximate trimming)
@@ -51,15 +51,17 @@ class AlertOps:
                 "at_ms": at_ms, "entry_id": entry_id}
 
     def append_step(self, append: Eval, record: Mapping[str, Any], negative: bool | None, window: int, raise_at: int,
-                    clear_at: int, outbox: bool = False) -> Op[tuple[bool, dict[str, Any], dict[str, Any] | None]]:
+                    clear_at: int, outbox: bool = False, norm: tuple[str, tuple[Any, ...]] | None = None,
+                    ) -> Op[tuple[bool, dict[str, Any], dict[str, Any] | None, int]]:
         """Store a record and, for a final of a watched speaker, step its alert: one script, one round trip.
 
         `append` is `Ops.append_eval(conversation_id, record)`; `negative` is None when the rule does
-        not look at this record (an interim, an unwatched speaker), which then is a plain append.
-        Returns ``(stored_now, the stored record, event fields or None)``: the record with its ``seq``
-        and ``entry_id`` (`tracker.context.ops.committed_record`); for a duplicate (a retried commit)
-        the record stored first and the event the first commit caused, if any, so a retry sends the
-        same result and events.
+        not look at this record (an interim, an unwatched speaker). `norm` (`Ops.norm_args`) adds the
+        utterance to its speaker's normalisation state in the same script.
+        Returns ``(stored_now, the stored record, event fields or None, norm result)``: the record with
+        its ``seq`` and ``entry_id`` (`tracker.context.ops.committed_record`); for a duplicate (a
+        retried commit) the record stored first and the event the first commit caused, if any, so a
+        retry sends the same result and events; the norm result as `split_commit_reply` gives it.
         """
         if append.name != "append":
             raise ValueError(f"append_step needs the append script's run, got {append.name!r}")
@@ -69,25 +71,23 @@ class AlertOps:
         cid = check_id(record["conversation_id"], "conversation_id")
         speaker = check_id(record["speaker"], "speaker")
         uid = check_id(record["utterance_id"], "utterance_id")
-        if negative is None:
-            keys: tuple[str, ...] = append.keys
-            args: tuple[Any, ...] = (len(append.args), "0", *append.args)
-        else:
-            keys = (*append.keys, self.keys.alert_state(cid, speaker), self.keys.alerts(cid), self.outbox)
-            args = (len(append.args), "1", *append.args, uid, record["label"], "1" if negative else "0", window,
-                    raise_at, clear_at, self.config.ttl_seconds, ALERTS_MAXLEN, "1" if outbox else "0", OUTBOX_MAXLEN,
-                    self.tenant, cid, speaker, "" if record_seq is None else str(record_seq))
-        reply = yield Eval("append_alert", keys, args)
-        stored = bool(int(reply[0]))
-        out = committed_record(cid, record, reply[:3])
-        seq = out.get("seq")
-        if len(reply) < 5 or int(reply[3]) == 0:
-            return stored, out, None
-        _, _, _, _, _, kind, alert_id, alert_entry, at_ms, n, labels = reply
+        alert = None
+        if negative is not None:
+            alert = ((self.keys.alert_state(cid, speaker), self.keys.alerts(cid), self.outbox),
+                     (uid, record["label"], "1" if negative else "0", window, raise_at, clear_at, self.config.ttl_seconds,
+                      ALERTS_MAXLEN, "1" if outbox else "0", OUTBOX_MAXLEN, self.tenant, cid, speaker,
+                      "" if record_seq is None else str(record_seq)))
+        reply = yield commit_eval(append, norm, alert)
+        head, norm_result, tail = split_commit_reply(reply)
+        stored = bool(int(head[0]))
+        out = committed_record(cid, record, head)
+        if len(tail) < 2 or int(tail[0]) == 0:
+            return stored, out, None, norm_result
+        _, _, kind, alert_id, alert_entry, at_ms, n, labels = tail
         return stored, out, {
             "alert_id": as_str(alert_id), "kind": as_str(kind), "tenant": self.tenant, "conversation_id": cid,
-            "speaker": speaker, "utterance_id": uid, "seq": str(seq), "negative": as_str(n), "window": str(window),
-            "labels": as_str(labels), "at_ms": as_str(at_ms), "entry_id": as_str(alert_entry)}
+            "speaker": speaker, "utterance_id": uid, "seq": str(out.get("seq")), "negative": as_str(n),
+            "window": str(window), "labels": as_str(labels), "at_ms": as_str(at_ms), "entry_id": as_str(alert_entry)}, norm_result
 
     def events(self, conversation_id: str, after: str = "0-0", count: int = 1000) -> Op[list[dict[str, str]]]:
         """The conversation's alert events after stream id `after`, oldest first, each with its ``entry_id``."""

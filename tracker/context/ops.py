@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Generator, Mapping, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generator, Mapping, Sequence, TypeVar, Union
 
 from tracker.context_window import window_length
 from tracker.labels import LabelSet
 from tracker.types import Turn
+
+if TYPE_CHECKING:
+    from .speaker_norm import NormWrite
 
 from .schema import (
     EncodedRecord,
@@ -24,6 +27,7 @@ from .schema import (
     check_id,
     decode_entries,
     decode_entry,
+    decode_hash,
     decode_meta,
     decode_speaker_state,
     encode_record,
@@ -82,6 +86,28 @@ def committed_record(conversation_id: str, record: Mapping[str, Any], reply: Seq
     return out
 
 
+def commit_eval(append: Eval, norm: tuple[str, tuple[Any, ...]] | None = None,
+                alert: tuple[tuple[str, ...], tuple[Any, ...]] | None = None) -> Eval:
+    """One script run storing a record: the append (`Ops.append_eval`) alone, or, with the
+    speaker-norm write ``(key, args)`` and/or the alert step ``(keys, args)``, the ``commit`` script
+    (tracker.context.scripts.COMMIT) that runs them together. Its reply: `split_commit_reply`."""
+    if norm is None and alert is None:
+        return append
+    keys = (*append.keys, *(alert[0] if alert else ()), *((norm[0],) if norm else ()))
+    nargs = norm[1] if norm else ()
+    args = (len(append.args), "1" if alert else "0", len(nargs), *append.args, *nargs, *(alert[1] if alert else ()))
+    return Eval("commit", keys, args)
+
+
+def split_commit_reply(reply: Sequence[Any]) -> tuple[Sequence[Any], int, Sequence[Any]]:
+    """``(the append's reply, norm result, the alert step's tail)`` of a `commit_eval` run: norm is
+    1 written, 0 nothing written, -1 another utterance of the speaker went first; the tail is
+    ``[changed, raised, kind, ...]`` or empty."""
+    if len(reply) <= 3:  # the plain append script
+        return reply, 0, ()
+    return reply[:3], int(reply[3]), reply[4:]
+
+
 class Ops:
     """The operations of a `ConversationStore` for one key prefix and tenant."""
 
@@ -126,14 +152,28 @@ class Ops:
             *enc.fields,
         )
 
-    def commit(self, conversation_id: str, record: Mapping[str, Any]) -> Op[dict]:
+    def commit(self, conversation_id: str, record: Mapping[str, Any], norm: "NormWrite | None" = None) -> Op[dict]:
         """Store `record` once per (utterance_id, is_final) and return what is stored, in one script run.
 
         The script assigns ``seq`` (unless the record carries one); a duplicate returns the record
-        stored first (or `record` itself if that one was trimmed away by MAXLEN).
+        stored first (or `record` itself if that one was trimmed away by MAXLEN). `norm` (from
+        `tracker.context.speaker_norm.normalize_with_state`) adds the utterance to its speaker's
+        normalisation state in the same script; the returned record says ``speaker_norm_conflict``
+        when another utterance of the speaker went first (the caller then adds it again).
         """
-        reply = yield self.append_eval(conversation_id, record)
-        return committed_record(check_id(conversation_id, "conversation_id"), record, reply)
+        cid = check_id(conversation_id, "conversation_id")
+        append = self.append_eval(cid, record)
+        reply = yield commit_eval(append, self.norm_args(cid, record, norm))
+        out, norm_result, _ = split_commit_reply(reply)
+        stored = committed_record(cid, record, out)
+        return {**stored, "speaker_norm_conflict": True} if norm_result < 0 else stored
+
+    def norm_args(self, cid: str, record: Mapping[str, Any], norm: "NormWrite | None") -> tuple[str, tuple[Any, ...]] | None:
+        """``(key, args)`` of the speaker-norm write a commit carries, or None."""
+        if norm is None:
+            return None
+        speaker, uid = check_id(record["speaker"], "speaker"), check_id(record["utterance_id"], "utterance_id")
+        return self.keys.speaker_norm(cid, speaker), norm.args(uid, self.config.ttl_seconds)
 
     def end_conversation(self, conversation_id: str) -> Op[bool]:
         cid = check_id(conversation_id, "conversation_id")
@@ -243,24 +283,30 @@ class Ops:
         turns = yield from self.context(cid, window_length(index, max_turns, min_turns))
         return index, turns
 
-    def begin(self, conversation_id: str, utterance_id: str, max_turns: int,
-              min_turns: int | None = None) -> Op[tuple[dict | None, int, list[Turn]]]:
-        """``(stored final or None, index, context)`` of an utterance about to be labelled, in one pipeline.
+    def begin(self, conversation_id: str, utterance_id: str, max_turns: int, min_turns: int | None = None,
+              speaker: str | None = None) -> Op[tuple[dict | None, int, list[Turn], dict[str, str] | None]]:
+        """``(stored final or None, index, context, speaker-norm state)`` of an utterance about to be
+        labelled, in one pipeline.
 
-        One batch reads the utterance's idempotency field, the conversation's final count and the
-        newest page of its stream (enough for a window of `max_turns` turns); only an unusual
-        conversation (a retried utterance whose final is older than that page, or a page of mostly
-        partial records) costs another round trip.
+        One batch reads the utterance's idempotency field, the conversation's final count, the
+        newest page of its stream (enough for a window of `max_turns` turns) and, when `speaker` is
+        given, that speaker's normalisation hash (tracker.context.speaker_norm; else None); only an
+        unusual conversation (a retried utterance whose final is older than that page, or a page of
+        mostly partial records) costs another round trip.
         """
         cid = check_id(conversation_id, "conversation_id")
         uid = check_id(utterance_id, "utterance_id")
         window_length(0, max_turns, min_turns)  # validates the policy before anything is sent
         page = _page(max_turns)
-        entry_id, n, raw = yield Batch((
+        calls = [
             Call("hget", (self.keys.ids(cid), idempotency_field(uid, True))),
             Call("hget", (self.keys.meta(cid), "n_final")),
             Call("xrevrange", (self.keys.stream(cid),), {"max": "+", "min": "-", "count": page}),
-        ))
+        ]
+        if speaker is not None:
+            calls.append(Call("hgetall", (self.keys.speaker_norm(cid, check_id(speaker, "speaker")),)))
+        entry_id, n, raw, *norm = yield Batch(tuple(calls))
+        state = decode_hash(norm[0]) if norm else None
         entries = decode_entries(raw)
         if entry_id is not None:  # a retried utterance: its stored final, from the page if it is there
             eid = as_str(entry_id)
@@ -269,11 +315,11 @@ class Ops:
                 (raw,) = yield _one(Call("xrange", (self.keys.stream(cid),), {"min": eid, "max": eid, "count": 1}))
                 found = decode_entries(raw)
             if found:
-                return {**found[0], "conversation_id": cid}, 0, []
+                return {**found[0], "conversation_id": cid}, 0, [], state
         index = int(as_str(n)) if n is not None else 0
         k = window_length(index, max_turns, min_turns)
         turns = (yield from self._turns(cid, k, entries, page)) if k > 0 else []
-        return None, index, turns
+        return None, index, turns, state
 
     def read_since(
         self, conversation_id: str, last_entry_id: str = "0-0", block_ms: int | None = None, count: int = 100

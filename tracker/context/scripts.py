@@ -177,56 +177,11 @@ return {1, raised and 1 or 0, kind, alert_id, id, nows, n, labels_json}
 """
 ALERT_STEP = _FMT + ALERT_STEP_BODY
 
-# A final committed and the escalation rule stepped in one script (one round trip, atomic): the
-# append above, then, when it stored the record now and ARGV[2] is 1, the alert step with the seq
-# the append used. A duplicate (a retried commit) steps nothing and returns the record stored first
-# (as the append does) and the event the first commit caused, if any, from the alert stream.
-# KEYS: 1..9 the append's, 10..12 the alert step's.
-# ARGV: 1 number of append args (n), 2 step (1/0), 3..n+2 the append's ARGV, then the alert step's
-#       ARGV 2.. (its seq, ARGV 1, is the append's).
-# Returns {stored, entry_id, seq (stored now) or the first copy's field/value list (a duplicate), changed,
-# raised, kind, alert_id, alert_entry_id, at_ms, negative, labels_json} (fields after `changed` only when it is 1).
-APPEND_ALERT = (
-    _FMT
-    + "local function append_record(KEYS, ARGV)\n" + APPEND_BODY + "\nend\n"
-    + "local function alert_step(KEYS, ARGV)\n" + ALERT_STEP_BODY + "\nend\n"
-    + """
-local n = tonumber(ARGV[1])
-local akeys, aargv = {}, {}
-for i = 1, 9 do akeys[i] = KEYS[i] end
-for i = 1, n do aargv[i] = ARGV[i + 2] end
-local r = append_record(akeys, aargv)
-if ARGV[2] ~= '1' then return r end
-local utterance_id = ARGV[n + 3]
-if r[1] == 0 then
-  -- a duplicate: the event this final caused the first time, if any (it is among the newest)
-  local recent = redis.call('XREVRANGE', KEYS[11], '+', '-', 'COUNT', 16)
-  for _, e in ipairs(recent) do
-    local f = {}
-    for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
-    if f['utterance_id'] == utterance_id and f['speaker'] == ARGV[n + 15] then
-      return {0, r[2], r[3], 1, f['kind'] == 'raised' and 1 or 0, f['kind'], f['alert_id'], e[1], f['at_ms'],
-              tonumber(f['negative']), f['labels']}
-    end
-  end
-  return r
-end
-local seq = r[3]
-if seq == '' then seq = ARGV[n + 3 + 13] end  -- the record brought its seq: the caller passed it
-local sargv = {seq}
-for i = n + 3, #ARGV - 1 do sargv[#sargv + 1] = ARGV[i] end
-local s = alert_step({KEYS[10], KEYS[11], KEYS[12]}, sargv)
-local out = {1, r[2], seq}
-for i = 1, #s do out[#out + 1] = s[i] end
-return out
-"""
-)
-
 # Speaker normalisation state (tracker.context.speaker_norm): add one utterance to a speaker's stats, once.
 # KEYS: 1 the speaker's norm hash. ARGV: 1 utterance id, 2 the `last` the caller read ('' = none), 3 ttl s,
 #       4.. (modality, stats after, stats before) triples.
 # Returns 1 stored, 0 this utterance was the last added already (a retry), -1 another utterance went first.
-NORM_COMMIT = """
+NORM_COMMIT_BODY = """
 local last = redis.call('HGET', KEYS[1], 'last') or ''
 if last == ARGV[1] then return 0 end
 if last ~= ARGV[2] then return -1 end
@@ -238,6 +193,64 @@ redis.call('HINCRBY', KEYS[1], 'n', 1)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
+NORM_COMMIT = NORM_COMMIT_BODY
+
+# A result committed in one script (one round trip, atomic): the append above, then, when it
+# stored the record now, the speaker-normalisation write (norm_commit, when given) and, when ARGV[2]
+# is 1, the escalation rule's step with the seq the append used. A duplicate (a retried commit)
+# writes nothing more and returns the record stored first (as the append does) and the event the
+# first commit caused, if any, from the alert stream.
+# KEYS: 1..9 the append's, then 10..12 the alert step's (when stepping), then the norm hash (when m > 0).
+# ARGV: 1 number of append args (n), 2 step (1/0), 3 number of norm args (m, 0 = none),
+#       4..n+3 the append's ARGV, then the m norm_commit ARGV, then the alert step's ARGV 2.. (its
+#       seq, ARGV 1, is the append's) and the record's own seq ('' if none).
+# Returns {stored, entry_id, seq (stored now) or the first copy's field/value list (a duplicate),
+# norm (1 written, 0 nothing to write or a retry, -1 another utterance went first), changed, raised,
+# kind, alert_id, alert_entry_id, at_ms, negative, labels_json} (fields after `changed` only when it is 1).
+COMMIT = (
+    _FMT
+    + "local function append_record(KEYS, ARGV)\n" + APPEND_BODY + "\nend\n"
+    + "local function alert_step(KEYS, ARGV)\n" + ALERT_STEP_BODY + "\nend\n"
+    + "local function norm_commit(KEYS, ARGV)\n" + NORM_COMMIT_BODY + "\nend\n"
+    + """
+local n, step, m = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
+local akeys, aargv = {}, {}
+for i = 1, 9 do akeys[i] = KEYS[i] end
+for i = 1, n do aargv[i] = ARGV[i + 3] end
+local r = append_record(akeys, aargv)
+local a = n + m + 4  -- the alert step's first arg
+if r[1] == 0 then
+  if step then
+    -- a duplicate: the event this final caused the first time, if any (it is among the newest)
+    local recent = redis.call('XREVRANGE', KEYS[11], '+', '-', 'COUNT', 16)
+    for _, e in ipairs(recent) do
+      local f = {}
+      for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+      if f['utterance_id'] == ARGV[a] and f['speaker'] == ARGV[a + 12] then
+        return {0, r[2], r[3], 0, 1, f['kind'] == 'raised' and 1 or 0, f['kind'], f['alert_id'], e[1], f['at_ms'],
+                tonumber(f['negative']), f['labels']}
+      end
+    end
+  end
+  return {0, r[2], r[3], 0}
+end
+local nr = 0
+if m > 0 then
+  local nargv = {}
+  for i = 1, m do nargv[i] = ARGV[n + 3 + i] end
+  nr = norm_commit({KEYS[#KEYS]}, nargv)
+end
+if not step then return {1, r[2], r[3], nr} end
+local seq = r[3]
+if seq == '' then seq = ARGV[a + 13] end  -- the record brought its seq: the caller passed it
+local sargv = {seq}
+for i = a, #ARGV - 1 do sargv[#sargv + 1] = ARGV[i] end
+local s = alert_step({KEYS[10], KEYS[11], KEYS[12]}, sargv)
+local out = {1, r[2], seq, nr}
+for i = 1, #s do out[#out + 1] = s[i] end
+return out
+"""
+)
 
 SCRIPTS: dict[str, str] = {"append": APPEND, "end": END, "next_seq": NEXT_SEQ, "delete": DELETE, "alert_step": ALERT_STEP,
-                           "append_alert": APPEND_ALERT, "norm_commit": NORM_COMMIT}
+                           "commit": COMMIT, "norm_commit": NORM_COMMIT}

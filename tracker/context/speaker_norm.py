@@ -9,10 +9,14 @@ HASH ``P:conv:C:spk:S:norm`` (docs/redis.md):
 - ``prev:<modality>``: the same before it;
 - ``last``: the id of the last utterance added; ``n``: how many were added.
 
-Per utterance (:meth:`SpeakerNormOps.normalize`): read the hash, normalise with the stats (the
-past), add the utterance, and write the new stats with the script ``norm_commit``, which stores
-them only if ``last`` is still what was read (else it reads again) and does nothing when the
-utterance is already ``last``. A retry of the same utterance (a replica died after the write) finds
+Per utterance: read the hash, normalise with the stats (the past), add the utterance, and write the
+new stats with the script step ``norm_commit``, which stores them only if ``last`` is still what
+was read and does nothing when the utterance is already ``last``. The live pipeline folds both
+into its two round trips: the hash is read in ``begin``'s pipeline (:func:`normalize_with_state`
+turns it into the normalised features and a :class:`NormWrite`), and the write runs inside the
+commit's script with the append (``tracker.context.ops.Ops.commit``); only when another
+utterance of the same speaker went first meanwhile (two connections on one conversation) does
+:meth:`SpeakerNormOps.normalize`, a read-then-write loop, add the utterance to the newer state. A retry of the same utterance (a replica died after the write) finds
 ``last`` = its id and normalises with ``prev:`` — the same past as the first attempt — without
 adding it twice: the same features come out and the bytes in Redis stay as they are.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -70,6 +75,39 @@ def _stats(raw: str | None, norm: SpeakerNormalizer, where: str) -> SpeakerStats
     return stats
 
 
+@dataclass(frozen=True)
+class NormWrite:
+    """The speaker-norm update an utterance's commit carries into its script (``norm_commit``)."""
+
+    last: str  # the hash's ``last`` as read: the script writes only if it is unchanged
+    triples: tuple[str, ...]  # (modality, stats after, stats before) per normalised modality
+    raw: Mapping[str, np.ndarray]  # the features before normalisation, to add them again on a conflict
+
+    def args(self, utterance_id: str, ttl_seconds: int) -> tuple[Any, ...]:
+        return (utterance_id, self.last, ttl_seconds, *self.triples)
+
+
+def normalize_with_state(state: Mapping[str, str], utterance_id: str, features: Mapping[str, np.ndarray],
+                         normalizers: Mapping[str, SpeakerNormalizer],
+                         where: str = "speaker norm") -> tuple[dict[str, np.ndarray], NormWrite | None]:
+    """`features` normalised by the speaker's past (`state`: the norm hash as read), and the write
+    that adds this utterance to it (None when `state` shows it added already: a retry, which is
+    normalised with the past it had then, ``prev:``)."""
+    names = [n for n in normalizers if n in features]
+    if not names:
+        return dict(features), None
+    last = state.get("last", "")
+    retry = last == utterance_id
+    out, triples = dict(features), []
+    for name in names:
+        norm = normalizers[name]
+        stats = _stats(state.get(f"prev:{name}" if retry else name), norm, f"{where} {name}")
+        before = json.dumps(stats.to_dict(), separators=(",", ":"))
+        out[name] = norm.step(np.asarray(features[name]), stats)  # (frames, F): past-only, then add
+        triples += [name, json.dumps(stats.to_dict(), separators=(",", ":")), before]
+    return out, (None if retry else NormWrite(last, tuple(triples), dict(features)))
+
+
 class SpeakerNormOps:
     """Speaker normalisation state of one (key prefix, tenant)."""
 
@@ -97,22 +135,21 @@ class SpeakerNormOps:
         key = self.keys.speaker_norm(cid, spk)
         for _ in range(MAX_ATTEMPTS):
             (raw,) = yield _one(Call("hgetall", (key,)))
-            h = decode_hash(raw)
-            last = h.get("last", "")
-            retry = last == uid  # added already: normalise with the past it had then, add nothing
-            out, triples = dict(features), []
-            for name in names:
-                norm = normalizers[name]
-                stats = _stats(h.get(f"prev:{name}" if retry else name), norm, f"{key} {name}")
-                before = json.dumps(stats.to_dict(), separators=(",", ":"))
-                out[name] = norm.step(np.asarray(features[name]), stats)  # (frames, F): past-only, then add
-                triples += [name, json.dumps(stats.to_dict(), separators=(",", ":")), before]
-            if retry:
+            out, write = normalize_with_state(decode_hash(raw), uid, features, normalizers, key)
+            if write is None:  # added already: normalised with the past it had then, nothing to add
                 return out
-            reply = yield Eval("norm_commit", (key,), (uid, last, self.config.ttl_seconds, *triples))
+            reply = yield Eval("norm_commit", (key,), write.args(uid, self.config.ttl_seconds))
             if int(reply) >= 0:
                 return out
         raise RuntimeError(f"speaker normalisation of {cid}/{spk}: the state kept changing under {MAX_ATTEMPTS} attempts")
 
 
-__all__ = ["SpeakerNormOps", "normalizers_from_checkpoint"]
+async def add_after_conflict(store, conversation_id: str, record: Mapping[str, Any], norm: NormWrite,
+                             normalizers: Mapping[str, SpeakerNormalizer]) -> None:
+    """Add a committed utterance to its speaker's state after the commit's write found another
+    utterance first (two connections on one conversation): read again, add, write (`normalize`)."""
+    ops = SpeakerNormOps(store.config, store.tenant)
+    await store.run(ops.normalize(conversation_id, record["speaker"], record["utterance_id"], norm.raw, normalizers))
+
+
+__all__ = ["add_after_conflict", "NormWrite", "SpeakerNormOps", "normalize_with_state", "normalizers_from_checkpoint"]

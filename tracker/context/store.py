@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import redis
 import redis.asyncio
@@ -19,6 +19,9 @@ from tracker.types import Turn
 from .ops import Eval, Op, Ops, Step, T
 from .schema import StoreConfig
 from .scripts import SCRIPTS
+
+if TYPE_CHECKING:
+    from .speaker_norm import NormWrite
 
 
 __all__ = ["StoreConfig", "ConversationStore", "AsyncConversationStore"]
@@ -112,14 +115,15 @@ class ConversationStore(_StoreBase):
     def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None) -> tuple[int, list[Turn]]:
         return self._run(self._ops.context_window(conversation_id, max_turns, min_turns))
 
-    def begin(self, conversation_id: str, utterance_id: str, max_turns: int,
-              min_turns: int | None = None) -> tuple[dict | None, int, list[Turn]]:
-        """(stored final or None, index, context window) of an utterance about to be labelled: one round trip."""
-        return self._run(self._ops.begin(conversation_id, utterance_id, max_turns, min_turns))
+    def begin(self, conversation_id: str, utterance_id: str, max_turns: int, min_turns: int | None = None,
+              speaker: str | None = None) -> tuple[dict | None, int, list[Turn], dict[str, str] | None]:
+        """(stored final or None, index, context window, the speaker's norm state if `speaker` is given)
+        of an utterance about to be labelled: one round trip."""
+        return self._run(self._ops.begin(conversation_id, utterance_id, max_turns, min_turns, speaker))
 
-    def commit(self, conversation_id: str, record: Mapping[str, Any]) -> dict:
+    def commit(self, conversation_id: str, record: Mapping[str, Any], norm: "NormWrite | None" = None) -> dict:
         """Store `record` once (the script assigns ``seq``) and return what is stored: one round trip."""
-        return self._run(self._ops.commit(conversation_id, record))
+        return self._run(self._ops.commit(conversation_id, record, norm))
 
     def list_conversations(self, limit: int = 50) -> list[dict]:
         return self._run(self._ops.list_conversations(limit))
@@ -239,12 +243,12 @@ class AsyncConversationStore(_StoreBase):
     async def context_window(self, conversation_id: str, max_turns: int, min_turns: int | None = None) -> tuple[int, list[Turn]]:
         return await self._run(self._ops.context_window(conversation_id, max_turns, min_turns))
 
-    async def begin(self, conversation_id: str, utterance_id: str, max_turns: int,
-                    min_turns: int | None = None) -> tuple[dict | None, int, list[Turn]]:
-        return await self._run(self._ops.begin(conversation_id, utterance_id, max_turns, min_turns))
+    async def begin(self, conversation_id: str, utterance_id: str, max_turns: int, min_turns: int | None = None,
+                    speaker: str | None = None) -> tuple[dict | None, int, list[Turn], dict[str, str] | None]:
+        return await self._run(self._ops.begin(conversation_id, utterance_id, max_turns, min_turns, speaker))
 
-    async def commit(self, conversation_id: str, record: Mapping[str, Any]) -> dict:
-        return await self._run(self._ops.commit(conversation_id, record))
+    async def commit(self, conversation_id: str, record: Mapping[str, Any], norm: "NormWrite | None" = None) -> dict:
+        return await self._run(self._ops.commit(conversation_id, record, norm))
 
     async def list_conversations(self, limit: int = 50) -> list[dict]:
         return await self._run(self._ops.list_conversations(limit))

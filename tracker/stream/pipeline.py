@@ -31,6 +31,7 @@ from tracker.types import Turn, UtteranceInput
 if TYPE_CHECKING:  # torch behind these: imported by whoever builds a LocalPipeline
     from tracker.alerts import AlertEngine
     from tracker.audio.modalities import ModalityFeatures
+    from tracker.context.speaker_norm import NormWrite
     from tracker.context.store import AsyncConversationStore
 
 
@@ -41,6 +42,7 @@ class Begun:
     final: dict[str, Any] | None  # its stored final record (a retried utterance), else None
     index: int = 0  # its position in the conversation (finals stored before it)
     context: tuple[Turn, ...] = ()  # its window of past turns, oldest first
+    speaker_state: dict[str, str] | None = None  # the speaker's normalisation hash, when asked for
 
 
 class Pipeline(Protocol):
@@ -48,15 +50,19 @@ class Pipeline(Protocol):
 
     refine_info: dict[str, Any] | None  # set when conversation-level refinement is on (tracker.stream.refine)
 
-    async def begin(self, conversation_id: str, utterance_id: str) -> Begun: ...
+    normalizers: dict[str, Any]  # {modality: tracker.audio.speaker_norm.SpeakerNormalizer} of speaker_norm models, else {}
+
+    async def begin(self, conversation_id: str, utterance_id: str, speaker: str | None = None) -> Begun:
+        """The stored final or the context window (and `speaker`'s normalisation state when given)."""
 
     async def features(self, pcm: bytes | None, sample_rate: int) -> Mapping[str, np.ndarray] | None: ...
 
     async def label(self, conversation_id: str, utterance: UtteranceInput) -> dict[str, Any]:
         """``{"label", "probabilities", "score"}`` of one utterance (its context inside)."""
 
-    async def commit(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Store a result once per (utterance_id, is_final); the stored record (with ``seq``)."""
+    async def commit(self, conversation_id: str, record: dict[str, Any], norm: "NormWrite | None" = None) -> dict[str, Any]:
+        """Store a result once per (utterance_id, is_final); the stored record (with ``seq``). `norm`
+        adds the utterance to its speaker's normalisation state in the same script."""
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         """All of the above for one utterance (see :func:`label_utterance`); the stored record."""
@@ -79,9 +85,7 @@ class Pipeline(Protocol):
 
     # optional, speech recognition (tracker.stream.session): ``asr: bool`` and
     # ``async def listen(pcm, sample_rate) -> {"transcript": {...} | None, "audio_features": {...} | None}``
-    # (tracker.audio.hearing.Hearing.hear); optional, speaker normalisation: ``speaker_norm: bool`` and
-    # ``async def speaker_normalize(conversation_id, speaker, utterance_id, features) -> features``
-    # (tracker.context.speaker_norm: per (conversation, speaker) stats in Redis, idempotent per utterance)
+    # (tracker.audio.hearing.Hearing.hear)
 
 
 def build_record(conversation_id: str, job: Mapping[str, Any], pred: Mapping[str, Any],
@@ -107,21 +111,29 @@ async def label_utterance(pipeline: Pipeline, conversation_id: str, job: Mapping
     `job` has ``utterance_id, speaker, text, start_ms, end_ms, pcm, sample_rate, is_final`` and may
     have ``audio_features`` (computed with its transcript), ``text_source`` and ``asr_confidence``. A
     retried utterance (``begin`` finds its final) is answered with the stored record; nothing is labelled
-    again. A pipeline whose ``speaker_norm`` is true normalises the features per speaker before labelling.
+    again. A pipeline with ``normalizers`` (a speaker_norm model) normalises the features by the
+    speaker's past, read by ``begin``, and ``commit`` adds the utterance to that past in its script:
+    still one round trip each way (tracker.context.speaker_norm).
     """
     async def features():
         if "audio_features" in job:  # computed with the transcript (speech recognition: Pipeline.listen)
             return job["audio_features"]
         return await pipeline.features(job.get("pcm"), job["sample_rate"])
 
-    begun, feats = await asyncio.gather(pipeline.begin(conversation_id, job["utterance_id"]), features())
+    normalizers = getattr(pipeline, "normalizers", None)
+    begun, feats = await asyncio.gather(
+        pipeline.begin(conversation_id, job["utterance_id"], job["speaker"] if normalizers else None), features())
     if begun.final is not None:
         return begun.final
-    if feats and getattr(pipeline, "speaker_norm", False):  # past-only per (conversation, speaker), once per utterance
-        feats = await pipeline.speaker_normalize(conversation_id, job["speaker"], job["utterance_id"], feats)
+    norm = None
+    if feats and normalizers and begun.speaker_state is not None:  # past-only per (conversation, speaker)
+        from tracker.context.speaker_norm import normalize_with_state
+
+        feats, norm = normalize_with_state(begun.speaker_state, job["utterance_id"], feats, normalizers,
+                                           f"{conversation_id}/{job['speaker']}")
     utterance = UtteranceInput(job["text"], job["speaker"], begun.context, dict(feats or {}))
     pred = await pipeline.label(conversation_id, utterance)
-    return await pipeline.commit(conversation_id, build_record(conversation_id, job, pred, feats))
+    return await pipeline.commit(conversation_id, build_record(conversation_id, job, pred, feats), norm)
 
 
 class ModelLabeler:
@@ -237,7 +249,6 @@ class LocalPipeline:
         self.hearing = hearing
         self.asr = bool(hearing is not None and hearing.asr)
         self.normalizers = recognizer.speaker_normalizers()  # {modality: SpeakerNormalizer} (speaker_norm: true)
-        self.speaker_norm = bool(self.normalizers)
 
     async def listen(self, pcm: bytes, sample_rate: int) -> dict[str, Any]:
         from tracker.audio.hearing import HearRequest
@@ -251,19 +262,13 @@ class LocalPipeline:
             out["audio_features"] = await asyncio.to_thread(self.extractor.from_signal, pcm16_to_numpy(pcm), sample_rate)
         return out
 
-    async def speaker_normalize(self, conversation_id: str, speaker: str, utterance_id: str,
-                                features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from tracker.context.speaker_norm import SpeakerNormOps
-
-        ops = SpeakerNormOps(self.store.config, self.store.tenant)
-        return await self.store.run(ops.normalize(conversation_id, speaker, utterance_id, features, self.normalizers))
-
     def _key(self, conversation_id: str) -> str:
         return f"{self.store.tenant}/{conversation_id}"  # the prefix-cache key, per tenant
 
-    async def begin(self, conversation_id: str, utterance_id: str) -> Begun:
-        final, index, turns = await self.store.begin(conversation_id, utterance_id, self.max_turns, self.min_turns)
-        return Begun(final, index, tuple(turns))
+    async def begin(self, conversation_id: str, utterance_id: str, speaker: str | None = None) -> Begun:
+        final, index, turns, state = await self.store.begin(conversation_id, utterance_id, self.max_turns,
+                                                            self.min_turns, speaker)
+        return Begun(final, index, tuple(turns), state)
 
     async def features(self, pcm: bytes | None, sample_rate: int) -> Mapping[str, np.ndarray] | None:
         if not pcm or self.extractor is None:
@@ -275,11 +280,18 @@ class LocalPipeline:
     async def label(self, conversation_id: str, utterance: UtteranceInput) -> dict[str, Any]:
         return await self._batcher.label(self._key(conversation_id), utterance)
 
-    async def commit(self, conversation_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    async def commit(self, conversation_id: str, record: dict[str, Any], norm: "NormWrite | None" = None) -> dict[str, Any]:
+        from tracker.context.speaker_norm import add_after_conflict
+
         if self.alerts is None:
-            return await self.store.commit(conversation_id, record)
-        done = await self.alerts.append(conversation_id, record)  # the append and the rule's step: one script
-        return {**done.record, "alerts": [e.to_dict() for e in done.events]}
+            stored = await self.store.commit(conversation_id, record, norm)
+            conflict = stored.pop("speaker_norm_conflict", False)
+        else:  # the append, the speaker-norm write and the rule's step: one script
+            done = await self.alerts.append(conversation_id, record, norm)
+            stored, conflict = {**done.record, "alerts": [e.to_dict() for e in done.events]}, done.norm_conflict
+        if conflict:
+            await add_after_conflict(self.store, conversation_id, record, norm, self.normalizers)
+        return stored
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         return await label_utterance(self, conversation_id, job)
