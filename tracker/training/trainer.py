@@ -280,7 +280,8 @@ class Trainer:
             self._emit("resume", {"step": s["global_step"]})
         else:
             if cfg.init_from:
-                start = EmotionRecognizer.from_pretrained(cfg.init_from, backbone=rec.backbone)
+                init = Path(os.path.expandvars(cfg.init_from)).expanduser()  # ~ and $VARS, as output_dir
+                start = EmotionRecognizer.from_pretrained(init, backbone=rec.backbone)
                 fresh = rec.load_trainable_state_dict(start.trainable_state_dict(), strict=False)
                 log.info("initialised from %s (%d tensors new: %s)", cfg.init_from, len(fresh), ", ".join(fresh[:8]))
                 self._refit_feature_normalisation()  # the new run's data, not the old checkpoint's
