@@ -114,7 +114,8 @@ def test_call_without_transcripts_gets_recognized_text_and_speaker_norm_state(se
     normalizers = model.speaker_normalizers.remote().result()
     out, write = normalize_with_state(begun.speaker_state, last, feats, normalizers)
     assert write is None and out["audio_functionals"].shape == (1, 88)
-    record = {k: begun.final[k] for k in ("utterance_id", "speaker", "text", "label", "probabilities", "score", "is_final")}
+    record = {k: begun.final[k] for k in ("utterance_id", "speaker", "start_ms", "end_ms", "text", "label", "probabilities",
+                                          "score", "is_final")}
     stale = NormWrite("another-utterance", ("audio_functionals", "{}", "{}"), feats)
     again = context.commit.remote(cid, record, stale, tenant="default").result()
     assert again["seq"] == begun.final["seq"] and raw.hgetall(key) == before
