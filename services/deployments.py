@@ -262,6 +262,10 @@ class ContextAggregator:
     async def count_conversations(self, tenant: str = "default") -> int:
         return await self._for(tenant).count_conversations()
 
+    async def admission(self, conversation_id: str, tenant: str = "default") -> tuple[bool, int]:
+        """(the conversation exists, the tenant's conversation count): one Redis round trip."""
+        return await self._for(tenant).admission(conversation_id)
+
     async def finals(self, conversation_id: str, tenant: str = "default") -> list[dict[str, Any]]:
         return await self._for(tenant).history(conversation_id, finals_only=True)
 

@@ -125,10 +125,8 @@ class ServePipeline:
 
     async def admit_conversation(self, conversation_id: str) -> None:
         """Refuse a new conversation once the tenant has `max_conversations` (a known one always goes on)."""
-        if await self.context.known.remote(conversation_id, tenant=self.tenant):
-            return
-        n = await self.context.count_conversations.remote(tenant=self.tenant)
-        if n >= self.max_conversations:
+        known, n = await self.context.admission.remote(conversation_id, tenant=self.tenant)  # one call
+        if not known and n >= self.max_conversations:
             raise P.ProtocolError(P.LIMIT_EXCEEDED, f"this tenant has {n} conversations, the limit is {self.max_conversations}")
 
     async def stored_finals(self, conversation_id: str) -> list[dict[str, Any]]:

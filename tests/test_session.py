@@ -395,3 +395,25 @@ def test_speaker_norm_model_still_two_round_trips_and_past_only(tiny_backbone, r
         past.setdefault(spk, norm.new_stats()).update(f)
     assert any(not np.allclose(g, f) for g, f in zip(seen[2:], feats[2:]))  # a past changed what the model saw
     assert state["n"] == speakers.count("A") + 2 and state["last"] == "u7"  # u6 and u7 both added, once each
+
+
+def test_local_pipeline_admits_known_conversations_and_refuses_past_the_limit_in_one_round_trip(request):
+    h = Harness("local", request)
+    ids = [f"adm-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+
+    async def go():
+        p = await h.pipeline()
+        p.max_conversations = (await p.store.count_conversations()) + 2  # room for two more in this Redis
+        for cid in ids[:2]:
+            await p.admit_conversation(cid)
+            await p.commit(cid, {"utterance_id": "u0", "speaker": "A", "start_ms": 0, "end_ms": 1, "text": "hi",
+                                 "label": "neutral", "is_final": True})
+        before = Counting.trips
+        await p.admit_conversation(ids[0])  # known: admitted though the tenant is at its limit
+        trips = Counting.trips - before
+        with pytest.raises(P.ProtocolError) as refused:
+            await p.admit_conversation(ids[2])
+        return trips, refused.value
+
+    trips, refused = asyncio.run(go())
+    assert trips == 1 and refused.code == P.LIMIT_EXCEEDED and "conversations" in str(refused)

@@ -338,6 +338,13 @@ class Ops:
             return [r for entries in raw.values() for r in decode_entries(entries[0] if _nested(entries) else entries)]
         return [r for _, entries in raw for r in decode_entries(entries)]
 
+    def admission(self, conversation_id: str) -> Op[tuple[bool, int]]:
+        """``(the conversation exists, how many this tenant has)`` in one pipeline: what a start needs
+        to admit a conversation under the tenant's limit."""
+        cid = check_id(conversation_id, "conversation_id")
+        n_exists, n = yield Batch((Call("exists", (self.keys.meta(cid),)), Call("zcard", (self.keys.conversations,))))
+        return bool(n_exists), int(n)
+
     def count_conversations(self) -> Op[int]:
         """How many conversations this tenant has in its index (live and recent, not yet expired)."""
         (n,) = yield _one(Call("zcard", (self.keys.conversations,)))

@@ -131,6 +131,10 @@ class ConversationStore(_StoreBase):
     def count_conversations(self) -> int:
         return self._run(self._ops.count_conversations())
 
+    def admission(self, conversation_id: str) -> tuple[bool, int]:
+        """(exists, the tenant's conversation count): one round trip."""
+        return self._run(self._ops.admission(conversation_id))
+
     def get_conversation(self, conversation_id: str, finals_only: bool = True) -> dict | None:
         return self._run(self._ops.get_conversation(conversation_id, finals_only))
 
@@ -255,6 +259,9 @@ class AsyncConversationStore(_StoreBase):
 
     async def count_conversations(self) -> int:
         return await self._run(self._ops.count_conversations())
+
+    async def admission(self, conversation_id: str) -> tuple[bool, int]:
+        return await self._run(self._ops.admission(conversation_id))
 
     async def get_conversation(self, conversation_id: str, finals_only: bool = True) -> dict | None:
         return await self._run(self._ops.get_conversation(conversation_id, finals_only))

@@ -300,10 +300,8 @@ class LocalPipeline:
         return await self.store.exists(conversation_id)
 
     async def admit_conversation(self, conversation_id: str) -> None:
-        if await self.store.exists(conversation_id):
-            return
-        n = await self.store.count_conversations()
-        if n >= self.max_conversations:
+        known, n = await self.store.admission(conversation_id)  # one round trip
+        if not known and n >= self.max_conversations:
             raise P.ProtocolError(P.LIMIT_EXCEEDED, f"this tenant has {n} conversations, the limit is {self.max_conversations}")
 
     async def stored_finals(self, conversation_id: str) -> list[dict[str, Any]]:
