@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import socket
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tracker.stream import protocol as P
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -42,7 +43,7 @@ def free_port() -> int:
 
 
 def demo_utterances() -> list[dict]:
-    """The demo call's utterances: speaker, text and that speaker's channel audio as base64 PCM16."""
+    """The demo call's utterances: speaker, text and that speaker's channel audio as PCM16 bytes."""
     from clients.stream_client import demo_recording
 
     rec, meta = demo_recording()
@@ -50,7 +51,7 @@ def demo_utterances() -> list[dict]:
     for u in meta["utterances"]:
         a, b = u["start_ms"] * rec.sample_rate // 1000, u["end_ms"] * rec.sample_rate // 1000
         pcm = np.ascontiguousarray(rec.samples[a:b, u["channel"]], dtype="<i2").tobytes()
-        out.append({"speaker": u["speaker"], "text": u["text"], "audio": base64.b64encode(pcm).decode(),
+        out.append({"speaker": u["speaker"], "text": u["text"], "audio": pcm,
                     "dur": u["end_ms"] - u["start_ms"]})
     return out, rec.sample_rate, list(meta["channels"])
 
@@ -103,8 +104,7 @@ async def worker(url: str, headers: dict, utts: list[dict], rate: int, speakers:
         cid = f"soak-{w}-{uuid.uuid4().hex[:8]}"
         tally.conversations.append(cid)
         async with websockets.connect(url, additional_headers=headers, max_size=2**24) as ws:
-            await ws.send(json.dumps({"type": "start", "conversation_id": cid, "sample_rate": rate, "channels": len(speakers),
-                                      "speakers": speakers}))
+            await ws.send(json.dumps(P.start_message(cid, speakers, sample_rate=rate)))
 
             async def reader():
                 async for raw in ws:
@@ -128,11 +128,11 @@ async def worker(url: str, headers: dict, utts: list[dict], rate: int, speakers:
                 k += 1
                 uid = f"{cid}-{i}"
                 tally.sent[uid] = time.time()
-                await ws.send(json.dumps({"type": "utterance", "utterance_id": uid, "speaker": u["speaker"], "text": u["text"],
-                                          "audio": u["audio"], "start_ms": clock, "end_ms": clock + u["dur"]}))
+                await ws.send(json.dumps(P.utterance_message(u["speaker"], u["text"], utterance_id=uid, audio=u["audio"],
+                                                             start_ms=clock, end_ms=clock + u["dur"])))
                 clock += u["dur"] + 300
                 await asyncio.sleep(gap)
-            await ws.send(json.dumps({"type": "stop"}))
+            await ws.send(json.dumps(P.stop_message()))
             await asyncio.wait_for(task, 600)
 
 
