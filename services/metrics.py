@@ -90,31 +90,27 @@ def _tags(tags: dict[str, Any] | None) -> dict[str, str] | None:
     return {k: str(v) for k, v in tags.items()} if tags else None
 
 
-def inc(name: str, value: float = 1.0, **tags: Any) -> None:
+def _record(name: str, method: str, value: float, tags: dict[str, Any]) -> None:
+    """`metric.<method>(value, tags)` on metric `name`; metrics never fail the caller."""
     m = _get(name)
-    if m is not None and value > 0:
+    if m is not None:
         try:
-            m.inc(value, tags=_tags(tags))
+            getattr(m, method)(value, tags=_tags(tags))
         except Exception:
-            log.debug("metric %s: inc failed", name, exc_info=True)
+            log.debug("metric %s: %s failed", name, method, exc_info=True)
+
+
+def inc(name: str, value: float = 1.0, **tags: Any) -> None:
+    if value > 0:
+        _record(name, "inc", value, tags)
 
 
 def observe(name: str, value: float, **tags: Any) -> None:
-    m = _get(name)
-    if m is not None:
-        try:
-            m.observe(value, tags=_tags(tags))
-        except Exception:
-            log.debug("metric %s: observe failed", name, exc_info=True)
+    _record(name, "observe", value, tags)
 
 
 def set_gauge(name: str, value: float, **tags: Any) -> None:
-    m = _get(name)
-    if m is not None:
-        try:
-            m.set(value, tags=_tags(tags))
-        except Exception:
-            log.debug("metric %s: set failed", name, exc_info=True)
+    _record(name, "set", value, tags)
 
 
 @contextmanager

@@ -59,6 +59,17 @@ def ravdess_dir() -> Path:
     return require_data("ravdess_16k/labels.csv", dataset="ravdess")
 
 
+# a two-speaker support call (speaker, text) the service tests voice with espeak-ng
+SUPPORT_CALL = [
+    ("Alice", "Good morning, thank you for calling. How can I help you today?"),
+    ("Bob", "My internet has been down for three days and nobody called me back."),
+    ("Alice", "I am very sorry to hear that. Let me check your line right now."),
+    ("Bob", "This is the third time I am calling about the same problem."),
+    ("Alice", "I can see the fault. A technician will come tomorrow morning."),
+    ("Bob", "Fine. Thank you."),
+]
+
+
 def free_port() -> int:
     import socket
 

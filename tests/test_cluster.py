@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.conftest import free_port, save_tiny_checkpoint
+from tests.conftest import SUPPORT_CALL, free_port, save_tiny_checkpoint
 from tracker.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,14 +43,7 @@ CLUSTER_YAML = REPO / "configs" / "serve" / "cluster.yaml"
 RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 SERVE_CLI = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
 
-TURNS = [
-    ("Alice", "Good morning, thank you for calling. How can I help you today?"),
-    ("Bob", "My internet has been down for three days and nobody called me back."),
-    ("Alice", "I am very sorry to hear that. Let me check your line right now."),
-    ("Bob", "This is the third time I am calling about the same problem."),
-    ("Alice", "I can see the fault. A technician will come tomorrow morning."),
-    ("Bob", "Fine. Thank you."),
-]
+TURNS = SUPPORT_CALL
 
 
 # ---------------------------------------------------------------------------------- the config (fast)

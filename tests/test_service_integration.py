@@ -17,19 +17,12 @@ import pytest
 import redis
 import websockets
 
-from tests.conftest import start_test_service, save_tiny_checkpoint
+from tests.conftest import SUPPORT_CALL, save_tiny_checkpoint, start_test_service
 from tracker.audio.synth import have_espeak, voice_conversation
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
 
-TURNS = [
-    ("Alice", "Good morning, thank you for calling. How can I help you today?"),
-    ("Bob", "My internet has been down for three days and nobody called me back."),
-    ("Alice", "I am very sorry to hear that. Let me check your line right now."),
-    ("Bob", "This is the third time I am calling about the same problem."),
-    ("Alice", "I can see the fault. A technician will come tomorrow morning."),
-    ("Bob", "Fine. Thank you."),
-]
+TURNS = SUPPORT_CALL
 
 
 @pytest.fixture(scope="module")
