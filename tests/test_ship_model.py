@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from tracker.config import load_dataclass
 from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
 
@@ -80,3 +82,17 @@ def test_model_card_names_warm_start_window_previous_model_held_out_calibration_
     assert "| meld:dev | 10 | 6.00 | 2.90 | 3.40 |" in card and "| ravdess:dev | 10 | 10.00 | 12.00 | - |" in card
     assert "reliability-meld-dev.png" in card and "openSMILE" in card and "OpenAI Whisper" not in card
     assert "| shipped recognizer, audio only | 12.5% | 70.0% | neutral 35, anger 5 |" in card and "probe" not in card
+
+
+def test_model_card_says_which_targets_are_met(tiny_backbone):
+    ship = _load()
+    rec = EmotionRecognizer(tiny_backbone, load_dataclass(RecognizerConfig, {
+        "label_set": "meld7", "dtype": "fp32", "adapter": {"d_model": 16, "n_pseudo_tokens": 2}}))
+    labels = list(rec.label_set.labels)
+    reports = {"meld:dev": _report(0.60, labels), "ravdess:dev": _report(0.78, labels)}
+    card = ship.model_card(rec, reports, [], None, "abc", targets=["meld:dev/weighted_f1>=0.61", "ravdess:dev/accuracy>=0.70",
+                                                                   "meld:dev/ece<=0.05"])
+    assert "| meld:dev weighted f1 | >= 61 | 59.00 | **no** |" in card
+    assert "| ravdess:dev accuracy | >= 70 | 78.00 | yes |" in card and "| meld:dev ece | <= 5 | 3.10 | yes |" in card
+    with pytest.raises(SystemExit, match="expected SPEC/METRIC"):
+        ship.model_card(rec, reports, [], None, "abc", targets=["meld:test/accuracy>=0.5"])
