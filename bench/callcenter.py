@@ -14,10 +14,12 @@ Two recognizers:
   copy per clip (seed 0), on the `--sources` features (default: Whisper tiny.en block 2 + base
   block 4 + eGeMAPS functionals, the best of bench/audio_encoders.py), optionally with past-only
   speaker normalisation per voice and role;
-- the full shipped recognizer (tracker/assets/model: Gemma-3-270M + adapter reading eGeMAPS and
-  the text), with the text and the 8 kHz audio, and with the audio alone (empty text).
+- the full shipped recognizer (tracker/assets/model: Gemma-3-270M + the adapter reading the text and its
+  acoustic modalities), with the text and the 8 kHz audio, and with the audio alone (empty text); and
+  the adapter's acoustic encoders without the LLM (their auxiliary classifiers, logits summed);
+  `--recognizer-norm` adds these again with the checkpoint's speaker normalisation per voice and role.
 
-    python bench/callcenter.py [--sources ...] [--norm] [--skip-recognizer] [--skip-acoustic]
+    python bench/callcenter.py [--sources ...] [--norm] [--skip-recognizer] [--skip-acoustic] [--recognizer-norm] [--json F]
 """
 
 from __future__ import annotations
@@ -98,7 +100,10 @@ def _in_line_order(X: np.ndarray, who, mean, std) -> np.ndarray:
     return out
 
 
-def full_recognizer(lines: list[dict]) -> tuple[list[str], list[str]]:
+def full_recognizer(lines: list[dict], norm: bool = False) -> tuple[list[str], list[str]]:
+    """Labels with text + audio and with the audio alone. `norm`: the checkpoint's speaker-normalised modalities
+    are normalised against the same voice's earlier lines of its role (past-only, in line order), as the
+    service does per speaker of a call; without it every line is its speaker's first (the identity map)."""
     from tracker.model.default import default_checkpoint
     from tracker.types import UtteranceInput
     from tracker.model.recognizer import EmotionRecognizer
@@ -106,10 +111,30 @@ def full_recognizer(lines: list[dict]) -> tuple[list[str], list[str]]:
     rec = EmotionRecognizer.from_pretrained(default_checkpoint())
     feats = ModalityFeatures(rec.config.adapter.modalities)
     audio = [feats.from_signal(ln["audio"], ln["rate"]) for ln in lines]
+    if norm:
+        normalizers, stats = rec.speaker_normalizers(), {}
+        for ln, a in zip(lines, audio):  # lines are in order: a voice's earlier lines are its past
+            for name, normalizer in normalizers.items():
+                if name in a:
+                    a[name] = normalizer.step(a[name], stats.setdefault((ln["role"], ln["voice"], name), normalizer.new_stats()))
     speaker = {"agent": "Agent", "customer": "Customer"}
     with_text = rec.predict([UtteranceInput(ln["text"], speaker[ln["role"]], (), a) for ln, a in zip(lines, audio)])
     audio_only = rec.predict([UtteranceInput("", speaker[ln["role"]], (), a) for ln, a in zip(lines, audio)])
-    return [p.label for p in with_text], [p.label for p in audio_only]
+    encoders = encoders_alone(rec, [UtteranceInput("", speaker[ln["role"]], (), a) for ln, a in zip(lines, audio)])
+    return [p.label for p in with_text], [p.label for p in audio_only], encoders
+
+
+def encoders_alone(rec, items: list) -> list[str] | None:
+    """The adapter's acoustic encoders without the LLM: their auxiliary classifiers' logits summed over modalities."""
+    import torch
+
+    if rec.adapter.aux_heads is None:
+        return None
+    rec.adapter.eval()
+    with torch.no_grad():
+        batch = rec.collate(items)
+        logits = sum(lg.float() for lg, _ in rec.adapter.aux_logits(batch.modalities).values())  # (B, L)
+    return [rec.label_set.labels[int(k)] for k in logits.argmax(1)]
 
 
 def main() -> int:
@@ -118,6 +143,9 @@ def main() -> int:
     ap.add_argument("--norm", action="store_true", help="past-only speaker normalisation (per voice and role)")
     ap.add_argument("--skip-recognizer", action="store_true")
     ap.add_argument("--skip-acoustic", action="store_true")
+    ap.add_argument("--recognizer-norm", action="store_true",
+                    help="also run the shipped recognizer with past-only speaker normalisation per voice and role")
+    ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
     lines = voiced_lines()
     print(f"{len(lines)} lines voiced at 8 kHz ({sum(len(ln['audio']) / ln['rate'] for ln in lines):.0f} s)\n", flush=True)
@@ -126,16 +154,35 @@ def main() -> int:
         rows.append((f"acoustic path: probe on {' + '.join(args.sources)}{' + speaker norm' if args.norm else ''}",
                      acoustic_path(lines, args.sources, args.norm)))
     if not args.skip_recognizer:
-        text_audio, audio_only = full_recognizer(lines)
+        text_audio, audio_only, encoders = full_recognizer(lines)
         rows += [("shipped recognizer (tracker/assets/model), text + audio", text_audio),
                  ("shipped recognizer, audio only (empty text)", audio_only)]
+        if encoders is not None:
+            rows.append(("shipped adapter's acoustic encoders alone (auxiliary classifiers, no LLM)", encoders))
+        if args.recognizer_norm:
+            text_audio, audio_only, encoders = full_recognizer(lines, norm=True)
+            rows += [("shipped recognizer, text + audio, speaker-normalised per voice", text_audio),
+                     ("shipped recognizer, audio only, speaker-normalised per voice", audio_only)]
+            if encoders is not None:
+                rows.append(("shipped adapter's acoustic encoders alone, speaker-normalised per voice", encoders))
     print("| recognizer | calm lines labelled negative (false alarms) | upset lines labelled negative (hits) | labels given to calm lines |")
     print("|---|---:|---:|---|")
+    out = []
     for name, preds in rows:
         fa, hit = rates(preds, lines)
         calm = [p for p, ln in zip(preds, lines) if ln["role"] == "agent"]
+        upset = [p for p, ln in zip(preds, lines) if ln["role"] == "customer"]
         counts = ", ".join(f"{k} {calm.count(k)}" for k in sorted(set(calm), key=calm.count, reverse=True))
+        upset_counts = ", ".join(f"{k} {upset.count(k)}" for k in sorted(set(upset), key=upset.count, reverse=True))
         print(f"| {name} | {fa:.1f}% | {hit:.1f}% | {counts} |", flush=True)
+        out.append({"name": name, "shipped": name.startswith("shipped"), "false_alarms": fa, "hits": hit,
+                    "calm_labels": counts, "upset_labels": upset_counts})
+    if args.json:
+        n_calm = sum(ln["role"] == "agent" for ln in lines)
+        desc = (f"{n_calm} calm agent lines and {len(lines) - n_calm} upset customer lines written for this project, voiced "
+                "with espeak-ng and put through the telephone channel (8 kHz); negative = anger, disgust, fear or sadness.")
+        Path(args.json).write_text(json.dumps({"description": desc, "rows": out, "sources": args.sources,
+                                               "norm": args.norm}, indent=2) + "\n")
     return 0
 
 

@@ -165,6 +165,7 @@ def main() -> None:
                "base_acc": base_rep.accuracy, "refined_wf1": float(np.mean(sel_f1)), "refined_acc": float(np.mean(sel_acc)),
                "twofold_wf1": float(np.mean(two_f1)), "twofold_wf1_std": float(np.std(two_f1)),
                "twofold_wf1_per_seed": two_f1, "twofold_acc": float(np.mean(two_acc)), "twofold_delta_ci95_seed0": [lo, hi],
+               "twofold_delta_ci95_per_seed": [list(ci) for ci in cis],
                "delay_utts_mean": float(d.mean()), "delay_utts_max": int(d.max()),
                "demo_delay_s_mean": demo_mean, "demo_delay_s_max": demo_max,
                "windows_per_utt": float(dev[0]["windows"]) / len(gold),
@@ -172,7 +173,8 @@ def main() -> None:
         rows.append(row)
         print(f"w={w} s={s} t={spec.t}: MELD dev W-F1 base {100 * row['base_wf1']:.2f} | refined "
               f"{100 * row['refined_wf1']:.2f} (dev-selected) {100 * row['twofold_wf1']:.2f} +- {100 * row['twofold_wf1_std']:.2f} "
-              f"(2-fold, mean +- sd of {args.seeds} seeds; seed 0 delta 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}]) | acc "
+              f"(2-fold, mean +- sd of {args.seeds} seeds; seed 0 delta 95% CI [{100 * lo:+.2f}, {100 * hi:+.2f}]; "
+              f"intervals excluding 0: {sum(a > 0 or b < 0 for a, b in cis)} of {len(cis)} seeds) | acc "
               f"{100 * row['base_acc']:.2f} -> {100 * row['refined_acc']:.2f} / {100 * row['twofold_acc']:.2f} | delay "
               f"{row['delay_utts_mean']:.2f} utt (max {row['delay_utts_max']}), demo call {demo_mean:.1f} s (max {demo_max:.1f}) "
               f"| {row['windows_per_utt']:.3f} window forwards/utt", flush=True)

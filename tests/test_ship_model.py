@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from tracker.config import load_dataclass
 from tracker.model.recognizer import EmotionRecognizer, RecognizerConfig
 
@@ -67,7 +69,9 @@ def test_model_card_names_warm_start_window_previous_model_held_out_calibration_
                   "data": {"meld:dev": {"n": 10, "ece_before": 0.06, "ece_after": 0.029, "ece_after_2fold": 0.034},
                            "ravdess:dev": {"n": 10, "ece_before": 0.1, "ece_after": 0.12}}}
     callcenter = {"description": "80 lines.", "rows": [{"name": "shipped recognizer, audio only", "false_alarms": 12.5,
-                                                        "hits": 70.0, "calm_labels": "neutral 35, anger 5"}]}
+                                                        "hits": 70.0, "calm_labels": "neutral 35, anger 5"},
+                                           {"name": "acoustic path: probe", "shipped": False, "false_alarms": 90.0,
+                                            "hits": 60.0, "calm_labels": "anger 36"}]}
     card = ship.model_card(rec, reports, history, 500, "abc123", run, None, trained_at="df77dd2",
                            calibration_eval=calib_eval, callcenter=callcenter, reliability=True, previous=previous)
     assert "training code at commit df77dd2, card written at abc123" in card
@@ -77,4 +81,18 @@ def test_model_card_names_warm_start_window_previous_model_held_out_calibration_
     assert "weights sha1 9947011ab8" in card
     assert "| meld:dev | 10 | 6.00 | 2.90 | 3.40 |" in card and "| ravdess:dev | 10 | 10.00 | 12.00 | - |" in card
     assert "reliability-meld-dev.png" in card and "openSMILE" in card and "OpenAI Whisper" not in card
-    assert "| shipped recognizer, audio only | 12.5% | 70.0% | neutral 35, anger 5 |" in card
+    assert "| shipped recognizer, audio only | 12.5% | 70.0% | neutral 35, anger 5 |" in card and "probe" not in card
+
+
+def test_model_card_says_which_targets_are_met(tiny_backbone):
+    ship = _load()
+    rec = EmotionRecognizer(tiny_backbone, load_dataclass(RecognizerConfig, {
+        "label_set": "meld7", "dtype": "fp32", "adapter": {"d_model": 16, "n_pseudo_tokens": 2}}))
+    labels = list(rec.label_set.labels)
+    reports = {"meld:dev": _report(0.60, labels), "ravdess:dev": _report(0.78, labels)}
+    card = ship.model_card(rec, reports, [], None, "abc", targets=["meld:dev/weighted_f1>=0.61", "ravdess:dev/accuracy>=0.70",
+                                                                   "meld:dev/ece<=0.05"])
+    assert "| meld:dev weighted f1 | >= 61 | 59.00 | **no** |" in card
+    assert "| ravdess:dev accuracy | >= 70 | 78.00 | yes |" in card and "| meld:dev ece | <= 5 | 3.10 | yes |" in card
+    with pytest.raises(SystemExit, match="expected SPEC/METRIC"):
+        ship.model_card(rec, reports, [], None, "abc", targets=["meld:test/accuracy>=0.5"])
