@@ -204,6 +204,8 @@ def child(args: argparse.Namespace) -> dict:
                     "deployments": {"emotion_model": {"num_cpus": 1.0, "max_ongoing_requests": max(32, args.max_batch_size)}}}
         if _knows_asr():  # versions with speech recognition: on only when asked (the calls bring transcripts)
             svc_args["asr"] = args.asr
+        if args.feature_replicas > 1:
+            svc_args["deployments"]["feature_extractor"] = {"num_replicas": args.feature_replicas, "num_cpus": 0.2}
         with start_service(svc_args) as svc:
             url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url  # the local API key
             asyncio.run(run_n(url, recs, 1, 8.0))  # warm-up
@@ -257,7 +259,7 @@ def run_version(label: str, code_dir: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--n", *map(str, args.n), "--replicas",
            *map(str, args.replicas), "--checkpoint", args.checkpoint, "--speed", str(args.speed),
            "--max-batch-size", str(args.max_batch_size), "--cache-calls", str(args.cache_calls),
-           "--cache-turns", str(args.cache_turns)]
+           "--cache-turns", str(args.cache_turns), "--asr", args.asr, "--feature-replicas", str(args.feature_replicas)]
     print(f"== {label}: {code_dir} ({git_rev(code_dir)})", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=code_dir, capture_output=True, text=True)
     result: dict = {"latency": [], "cache": []}
@@ -294,6 +296,7 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, nargs="*", default=[1, 2], help="EmotionModel replicas for the cache hit rate")
     ap.add_argument("--checkpoint", default="default")
     ap.add_argument("--speed", type=float, default=1.0)
+    ap.add_argument("--feature-replicas", type=int, default=1, help="FeatureExtractor replicas (each encodes on one thread)")
     ap.add_argument("--asr", choices=["on", "off"], default="off",
                     help="speech recognition in the service (the calls stream client transcripts either way)")
     ap.add_argument("--max-batch-size", type=int, default=16)
