@@ -2,8 +2,9 @@
 
 The service stores each result with ``await engine.append(conversation_id, record)``: the append
 script and the rule's step run as one script (one round trip, atomic), and the events it returns
-go to the stream and the watchers. ``on_final_committed(record)`` applies the rule to a record
-stored before (it needs the ``seq`` the store gave it). Each call is one script run in Redis: the rule's state per speaker and the event
+go to the stream and the watchers; a speaker-normalisation write (`norm`) rides in the same script.
+``on_final_committed(record)`` applies the rule to a record stored before (it needs the ``seq``
+the store gave it). Each call is one script run in Redis: the rule's state per speaker and the event
 stream are updated atomically, and applying the same final twice (a retry) changes nothing. With
 ``outbox=True`` every event is also queued for webhook delivery (`tracker.alerts.webhooks`).
 """

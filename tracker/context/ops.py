@@ -152,21 +152,16 @@ class Ops:
             *enc.fields,
         )
 
-    def commit(self, conversation_id: str, record: Mapping[str, Any], norm: "NormWrite | None" = None) -> Op[dict]:
+    def commit(self, conversation_id: str, record: Mapping[str, Any]) -> Op[dict]:
         """Store `record` once per (utterance_id, is_final) and return what is stored, in one script run.
 
         The script assigns ``seq`` (unless the record carries one); a duplicate returns the record
-        stored first (or `record` itself if that one was trimmed away by MAXLEN). `norm` (from
-        `tracker.context.speaker_norm.normalize_with_state`) adds the utterance to its speaker's
-        normalisation state in the same script; the returned record says ``speaker_norm_conflict``
-        when another utterance of the speaker went first (the caller then adds it again).
+        stored first (or `record` itself if that one was trimmed away by MAXLEN). With the escalation
+        rule or speaker normalisation, `tracker.alerts.AlertEngine.append` runs them in the same script.
         """
         cid = check_id(conversation_id, "conversation_id")
-        append = self.append_eval(cid, record)
-        reply = yield commit_eval(append, self.norm_args(cid, record, norm))
-        out, norm_result, _ = split_commit_reply(reply)
-        stored = committed_record(cid, record, out)
-        return {**stored, "speaker_norm_conflict": True} if norm_result < 0 else stored
+        reply = yield self.append_eval(cid, record)
+        return committed_record(cid, record, reply)
 
     def norm_args(self, cid: str, record: Mapping[str, Any], norm: "NormWrite | None") -> tuple[str, tuple[Any, ...]] | None:
         """``(key, args)`` of the speaker-norm write a commit carries, or None."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import redis
 import redis.asyncio
@@ -19,9 +19,6 @@ from tracker.types import Turn
 from .ops import Eval, Op, Ops, Step, T
 from .schema import StoreConfig
 from .scripts import SCRIPTS
-
-if TYPE_CHECKING:
-    from .speaker_norm import NormWrite
 
 
 __all__ = ["StoreConfig", "ConversationStore", "AsyncConversationStore"]
@@ -121,9 +118,9 @@ class ConversationStore(_StoreBase):
         of an utterance about to be labelled: one round trip."""
         return self._run(self._ops.begin(conversation_id, utterance_id, max_turns, min_turns, speaker))
 
-    def commit(self, conversation_id: str, record: Mapping[str, Any], norm: "NormWrite | None" = None) -> dict:
+    def commit(self, conversation_id: str, record: Mapping[str, Any]) -> dict:
         """Store `record` once (the script assigns ``seq``) and return what is stored: one round trip."""
-        return self._run(self._ops.commit(conversation_id, record, norm))
+        return self._run(self._ops.commit(conversation_id, record))
 
     def list_conversations(self, limit: int = 50) -> list[dict]:
         return self._run(self._ops.list_conversations(limit))
@@ -251,8 +248,8 @@ class AsyncConversationStore(_StoreBase):
                     speaker: str | None = None) -> tuple[dict | None, int, list[Turn], dict[str, str] | None]:
         return await self._run(self._ops.begin(conversation_id, utterance_id, max_turns, min_turns, speaker))
 
-    async def commit(self, conversation_id: str, record: Mapping[str, Any], norm: "NormWrite | None" = None) -> dict:
-        return await self._run(self._ops.commit(conversation_id, record, norm))
+    async def commit(self, conversation_id: str, record: Mapping[str, Any]) -> dict:
+        return await self._run(self._ops.commit(conversation_id, record))
 
     async def list_conversations(self, limit: int = 50) -> list[dict]:
         return await self._run(self._ops.list_conversations(limit))

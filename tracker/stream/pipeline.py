@@ -226,7 +226,8 @@ class LocalPipeline:
     `features` None = text only. `refiner` (a tracker.model.refine.Refiner) turns on conversation-level
     refinement (interim, then final labels), as ``refine.checkpoint`` does in the service. `alerts`
     (a tracker.alerts.AlertEngine over the same store) applies the escalation rule in each commit's
-    script, as the service does; the stored record then carries the ``alerts`` it caused.
+    script, as the service does (without one the rule is off); the stored record carries the
+    ``alerts`` it caused.
     """
 
     def __init__(self, recognizer, store: "AsyncConversationStore", features: "ModalityFeatures | None" = None, *,
@@ -236,6 +237,10 @@ class LocalPipeline:
         """`hearing` (a tracker.audio.hearing.Hearing with a recognizer) turns on speech recognition of
         segments without a transcript, as ``asr: on`` does in the service."""
         self.recognizer = recognizer
+        if alerts is None:  # the same one-script commit, with the rule off
+            from tracker.alerts import AlertEngine, EscalationConfig
+
+            alerts = AlertEngine(store, EscalationConfig(enabled=False))
         self.alerts = alerts
         self.store = store
         self.extractor = features if features is not None and features.names else None
@@ -283,15 +288,10 @@ class LocalPipeline:
     async def commit(self, conversation_id: str, record: dict[str, Any], norm: "NormWrite | None" = None) -> dict[str, Any]:
         from tracker.context.speaker_norm import add_after_conflict
 
-        if self.alerts is None:
-            stored = await self.store.commit(conversation_id, record, norm)
-            conflict = stored.pop("speaker_norm_conflict", False)
-        else:  # the append, the speaker-norm write and the rule's step: one script
-            done = await self.alerts.append(conversation_id, record, norm)
-            stored, conflict = {**done.record, "alerts": [e.to_dict() for e in done.events]}, done.norm_conflict
-        if conflict:
+        done = await self.alerts.append(conversation_id, record, norm)  # append, norm write, rule step: one script
+        if done.norm_conflict:
             await add_after_conflict(self.store, conversation_id, record, norm, self.normalizers)
-        return stored
+        return {**done.record, "alerts": [e.to_dict() for e in done.events]}
 
     async def label_utterance(self, conversation_id: str, job: dict[str, Any]) -> dict[str, Any]:
         return await label_utterance(self, conversation_id, job)
