@@ -13,10 +13,18 @@ cache can be reused. hit rate = hits / reusable lookups, where a lookup is reusa
 conversation's first (a miss by nature) or falls on a window jump (a rebuild by nature): 100% means
 every other utterance reached the replica holding its conversation's cache. hits/all is also shown.
 
+Where the time goes: the CPU seconds each process of the service spent during a run (psutil, by role:
+Ingress, Serve proxy, FeatureExtractor, EmotionModel, ...) per labelled utterance, and the service's
+own histograms (services/metrics.py) as means: release-to-sent latency on the server, feature
+seconds per utterance, model seconds per batch. ``--stagger`` spreads the calls' starts over one
+call's length (a floor of agents); by default all N start together (copies of two recordings, so
+their utterances end in bursts: the worst case).
+
 "Before" is another commit (``--before moves``) checked out into a temporary git worktree and run
 in the same bench run with the same script (PYTHONPATH puts its code first, in Ray's workers too).
 
 Usage: python bench/stream_latency.py [--n 1 4 16 32] [--before moves] [--replicas 1 2] [--checkpoint DIR]
+       [--feature-replicas 2] [--stagger] [--asr on]
 """
 
 from __future__ import annotations
@@ -95,6 +103,79 @@ def settled_counters() -> dict[str, dict[str, int]]:
     return counters()
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of this process and each descendant, by pid: (role, seconds).
+
+    The service's processes (Ray's GCS and raylet, the Serve controller and proxy, each deployment
+    replica, redis-server) all descend from this process; Ray titles a replica
+    ``ray::ServeReplica:<app>:<Deployment>``, which names its role."""
+    import psutil
+
+    me = psutil.Process()
+    out: dict[int, tuple[str, float]] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times, cmd = proc.cpu_times(), " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        out[proc.pid] = (_role(proc.pid == me.pid, cmd), times.user + times.system)
+    return out
+
+
+def _role(is_me: bool, cmd: str) -> str:
+    if is_me:
+        return "bench driver + senders"
+    if "ServeReplica:" in cmd:
+        return cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1].split(".")[0]
+    for key, role in (("ServeController", "Serve controller"), ("ProxyActor", "Serve proxy"), ("redis-server", "redis-server"),
+                      ("raylet", "Ray raylet"), ("gcs_server", "Ray GCS"), ("dashboard", "Ray dashboard/agents"),
+                      ("agent", "Ray dashboard/agents"), ("log_monitor", "Ray dashboard/agents")):
+        if key in cmd:
+            return role
+    return "other (idle Ray workers etc.)"
+
+
+def cpu_delta(after: dict[int, tuple[str, float]], before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two snapshots, summed by role (a process new since `before` counts from 0)."""
+    out: dict[str, float] = {}
+    for pid, (role, secs) in after.items():
+        out[role] = out.get(role, 0.0) + secs - before.get(pid, (role, 0.0))[1]
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0.005}
+
+
+STAGES = {"server_final_s": "tracker_final_latency_seconds", "features_s": "tracker_features_seconds",
+          "model_batch_s": "tracker_model_seconds{stage=label}", "model_batch_size": "tracker_model_batch_size"}
+
+
+def stage_sums(svc) -> dict[str, float]:
+    """The service's own histograms (services/metrics.py), sums and counts so far; {} where not exported."""
+    from services.metrics import scrape
+
+    url = getattr(svc, "metrics_url", None)
+    try:
+        got = scrape(url) if url else {}
+    except Exception:
+        return {}
+    out = {}
+    for key, name in STAGES.items():
+        base, _, tags = name.partition("{")
+        tags = "{" + tags if tags else ""
+        if f"{base}_count{tags}" in got:
+            out[key] = (got[f"{base}_sum{tags}"], got[f"{base}_count{tags}"])
+    return out
+
+
+def stage_means(after: dict, before: dict) -> dict[str, float]:
+    """Per-stage means between two scrapes: server-side release-to-sent latency, feature seconds per
+    utterance, model seconds per batch and utterances per batch."""
+    out = {}
+    for key, (total, count) in after.items():
+        t0, c0 = before.get(key, (0.0, 0.0))
+        if count > c0:
+            out[key] = round((total - t0) / (count - c0), 4)
+    return out
+
+
 def delta(after: dict, before: dict) -> dict[str, dict[str, int]]:
     return {k: {n: v - before[k].get(n, 0) for n, v in after[k].items() if v - before[k].get(n, 0)} for k in after}
 
@@ -116,10 +197,18 @@ async def one_call(url: str, rec, truth: list[dict], speed: float, lat: list[flo
     return len(out.results)
 
 
-async def run_n(url: str, recs: list, n: int, speed: float) -> tuple[list[float], int, float]:
+async def run_n(url: str, recs: list, n: int, speed: float, stagger: bool = False) -> tuple[list[float], int, float]:
+    """N calls at once. `stagger`: call i starts i/N of a call's length after the first, as calls on a floor
+    do, instead of all N (copies of two recordings) starting together, whose utterances then end in bursts."""
     lat: list[float] = []
+    period = max(len(rec.samples) / rec.sample_rate for rec, _ in recs) / speed
+
+    async def delayed(i: int) -> int:
+        await asyncio.sleep(period * i / n if stagger else 0.0)
+        return await one_call(url, *recs[i % len(recs)], speed, lat)
+
     t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one_call(url, *recs[i % len(recs)], speed, lat) for i in range(n)))
+    counts = await asyncio.gather(*(delayed(i) for i in range(n)))
     return lat, sum(counts), time.perf_counter() - t0
 
 
@@ -215,13 +304,16 @@ def child(args: argparse.Namespace) -> dict:
             result["per_call"] = per_call
             print(json.dumps({"progress": per_call, "kind": "per_call"}), flush=True)
             for n in args.n:
-                c0 = settled_counters()
-                lat, count, secs = asyncio.run(run_n(url, recs, n, args.speed))
+                c0, cpu0, st0 = settled_counters(), cpu_seconds(), stage_sums(svc)
+                lat, count, secs = asyncio.run(run_n(url, recs, n, args.speed, args.stagger))
+                cpu = cpu_delta(cpu_seconds(), cpu0)
                 d = delta(settled_counters(), c0)
+                time.sleep(11)  # Ray's metrics agent exports every few seconds
+                stages = stage_means(stage_sums(svc), st0)
                 ms = np.array(lat) * 1000
                 row = {"n": n, "utterances": count, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
                        "max": float(ms.max()), "utt_per_s": count / secs, "load": os.getloadavg()[0],
-                       "redis": d["redis"], "ray": d["ray"],
+                       "redis": d["redis"], "ray": d["ray"], "cpu_s": cpu, "wall_s": secs, "stages": stages,
                        "redis_per_utt": (sum(d["redis"].values()) - n * sum(per_call["redis"].values())) / max(count, 1),
                        "ray_per_utt": (sum(d["ray"].values()) - n * sum(per_call["ray"].values())) / max(count, 1),
                        "redis_total_per_utt": sum(d["redis"].values()) / max(count, 1),
@@ -259,7 +351,8 @@ def run_version(label: str, code_dir: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--n", *map(str, args.n), "--replicas",
            *map(str, args.replicas), "--checkpoint", args.checkpoint, "--speed", str(args.speed),
            "--max-batch-size", str(args.max_batch_size), "--cache-calls", str(args.cache_calls),
-           "--cache-turns", str(args.cache_turns), "--asr", args.asr, "--feature-replicas", str(args.feature_replicas)]
+           "--cache-turns", str(args.cache_turns), "--asr", args.asr, "--feature-replicas", str(args.feature_replicas),
+           *(["--stagger"] if args.stagger else [])]
     print(f"== {label}: {code_dir} ({git_rev(code_dir)})", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=code_dir, capture_output=True, text=True)
     result: dict = {"latency": [], "cache": []}
@@ -299,6 +392,8 @@ def main() -> None:
     ap.add_argument("--feature-replicas", type=int, default=1, help="FeatureExtractor replicas (each encodes on one thread)")
     ap.add_argument("--asr", choices=["on", "off"], default="off",
                     help="speech recognition in the service (the calls stream client transcripts either way)")
+    ap.add_argument("--stagger", action="store_true",
+                    help="spread the calls' starts over one call's length (default: all start together, the worst case)")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--cache-calls", type=int, default=16)
     ap.add_argument("--cache-turns", type=int, default=30)
@@ -337,6 +432,16 @@ def main() -> None:
         if res["latency"]:
             r = res["latency"][-1]
             print(f"{label}: N={r['n']} Ray calls {r['ray']}\n{' ' * len(label)}  Redis {r['redis']}")
+    for label, res in results.items():  # where the cores went: CPU seconds per labelled utterance, by process role
+        for r in res["latency"]:
+            if r.get("cpu_s"):
+                total = sum(r["cpu_s"].values())
+                if r.get("stages"):
+                    print(f"\n{label} N={r['n']}: service-side means {r['stages']}")
+                print(f"\n{label} N={r['n']}: CPU {total:.1f} s over {r['wall_s']:.0f} s wall "
+                      f"({total / r['wall_s']:.2f} cores busy), {1000 * total / max(r['utterances'], 1):.0f} ms per utterance:")
+                for role, secs in r["cpu_s"].items():
+                    print(f"   {role:<32} {secs:8.1f} s  {1000 * secs / max(r['utterances'], 1):6.0f} ms/utt  {100 * secs / total:5.1f}%")
     # With perfect affinity every lookup hits except a conversation's first (a miss) and the window's
     # jumps (a rebuild: the prefix changed); "reusable" counts the others, and hit rate = hits / reusable.
     from tracker.context_window import window_start

@@ -97,6 +97,17 @@ def test_voiced_two_speaker_call_yields_one_final_result_per_utterance_in_order_
     assert len(stream_keys) == 1 and raw.xlen(stream_keys[0]) == len(TURNS)
 
 
+def test_replicas_run_at_the_priority_of_the_process_that_started_the_service(service):
+    """Ray starts workers at nice 15 unless told otherwise: any other work on the host would then take the
+    cores from the replicas first (tracker/ray_env.py). Every Serve replica runs at the test's own niceness."""
+    import psutil
+
+    me = psutil.Process()
+    replicas = [p for p in me.children(recursive=True) if "ServeReplica:" in " ".join(p.cmdline())]
+    assert {p.cmdline()[0].split(":")[-1] for p in replicas} >= {"Ingress", "FeatureExtractor", "EmotionModel", "ContextAggregator"}
+    assert {p.nice() for p in replicas} == {me.nice()}
+
+
 def test_retried_utterance_is_stored_once(service):
     import httpx
 

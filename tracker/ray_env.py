@@ -4,6 +4,10 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only; a multi-node cluster needs "1" (docs/deploy.md)
+    # Ray starts its workers at nice 15, so any other work on the host (a training run, a test suite, even
+    # a nice 5 job) takes the cores from the service's replicas first and labels queue behind it: serve at
+    # the priority the node gives the raylet (bench/stream_latency.py measured the difference: BENCHMARKS.md)
+    "RAY_worker_niceness": "0",
     # a 2-core machine that is also training or testing answers health checks slowly; don't kill the proxy for it
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
