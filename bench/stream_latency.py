@@ -144,7 +144,7 @@ def cpu_delta(after: dict[int, tuple[str, float]], before: dict[int, tuple[str, 
 
 
 STAGES = {"server_final_s": "tracker_final_latency_seconds", "features_s": "tracker_features_seconds",
-          "model_batch_s": "tracker_model_seconds{stage=label}", "model_batch_size": "tracker_model_batch_size"}
+          "model_batch_s": "tracker_model_seconds{stage=label}"}
 
 
 def stage_sums(svc) -> dict[str, float]:
@@ -167,12 +167,14 @@ def stage_sums(svc) -> dict[str, float]:
 
 def stage_means(after: dict, before: dict) -> dict[str, float]:
     """Per-stage means between two scrapes: server-side release-to-sent latency, feature seconds per
-    utterance, model seconds per batch and utterances per batch."""
+    utterance, model seconds per batch; and the number of model batches."""
     out = {}
     for key, (total, count) in after.items():
         t0, c0 = before.get(key, (0.0, 0.0))
         if count > c0:
             out[key] = round((total - t0) / (count - c0), 4)
+            if key == "model_batch_s":
+                out["model_batches"] = int(count - c0)
     return out
 
 
