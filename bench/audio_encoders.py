@@ -107,18 +107,20 @@ def speaker_normalised(X: np.ndarray, items: list[Clip], mean: np.ndarray, std: 
 
 
 def probe(Xtr, ytr, groups, C=None):
+    cv = None
+    if C is None:
+        best, cv, _ = grid_search(lambda p: probe_model(p["C"]), C_GRID, Xtr, ytr, groups, n_splits=4)
+        C = best["C"]
+    return probe_model(C).fit(Xtr, ytr), C, cv
+
+
+def probe_model(C: float):
+    """The probe, unfitted: standardisation + logistic regression."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    def make(p):
-        return make_pipeline(StandardScaler(), LogisticRegression(C=p["C"], max_iter=1000, tol=1e-3))
-
-    cv = None
-    if C is None:
-        best, cv, _ = grid_search(make, C_GRID, Xtr, ytr, groups, n_splits=4)
-        C = best["C"]
-    return make({"C": C}).fit(Xtr, ytr), C, cv
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=1000, tol=1e-3))
 
 
 def acc(model, X, y) -> float:

@@ -19,7 +19,22 @@ Two recognizers:
   the adapter's acoustic encoders without the LLM (their auxiliary classifiers, logits summed);
   `--recognizer-norm` adds these again with the checkpoint's speaker normalisation per voice and role.
 
+``--human`` asks the same question of human speech: RAVDESS dev (actors 17-20, never trained on by the
+probe), calm = the neutral and calm clips (48), upset = the angry, fearful, sad and disgust clips (128:
+MELD7's negative labels after folding), as recorded and through the telephone-band dev copy of
+bench/audio_encoders.py (`TelephoneChannel`, `TELEPHONE_DEV_SEED`, features from its cache). Rows: the
+probe (same training as above) without and with past-only speaker normalisation per actor (all 240 dev
+clips as the actor's stream, in the seeded order of `speaker_normalised`, seed 0; and in file-name order,
+which in RAVDESS sorts by emotion code and so puts neutral and calm first); the shipped model's audio-only
+path (empty text) and its acoustic encoders alone, without and with its speaker normalisation (seeded
+order); and an operating point: alarm when the probe's summed probability of the negative labels is >= tau,
+tau the smallest that alarms at most ``--target-fa`` of the calm clips of RAVDESS train in out-of-fold
+probabilities (the 4 actor-grouped folds of the C search), never dev: on the recordings and telephone
+copies pooled, and on the telephone copies alone; the same taus then on the espeak lines. A last print
+gives the ceiling: the tau chosen *on* dev for the target and the hits it leaves (not an operating point).
+
     python bench/callcenter.py [--sources ...] [--norm] [--skip-recognizer] [--skip-acoustic] [--recognizer-norm] [--json F]
+    python bench/callcenter.py --human [--sources ...] [--target-fa 0.10] [--skip-recognizer] [--skip-acoustic] [--json F]
 """
 
 from __future__ import annotations
@@ -28,15 +43,19 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audio_encoders import EGEMAPS, FeatureBank, clips, probe, speaker_normalised  # noqa: E402
+from audio_encoders import EGEMAPS, Clip, FeatureBank, clips, probe, probe_model, speaker_normalised  # noqa: E402
+from baselines import SEED  # noqa: E402
+from operating_point import alarm_share, negative_mass, pick_tau  # noqa: E402
 
-from tracker.audio.channel import TELEPHONE_DEV_SEED, TelephoneChannel  # noqa: E402
+from tracker.audio.channel import COPY_KEY, TELEPHONE_DEV_SEED, TelephoneChannel  # noqa: E402
 from tracker.audio.modalities import ModalityFeatures  # noqa: E402
+from tracker.audio.speaker_norm import in_speaker_time_order  # noqa: E402
 from tracker.audio.synth import RATE, clean_text, voice  # noqa: E402
 from tracker.labels import MELD7  # noqa: E402
 
@@ -68,26 +87,55 @@ def rates(pred_labels: list[str], lines: list[dict]) -> tuple[float, float]:
     return float(neg[calm].mean() * 100), float(neg[~calm].mean() * 100)
 
 
-def acoustic_path(lines: list[dict], sources: list[str], norm: bool) -> list[str]:
+@dataclass
+class Probe:
+    """The acoustic probe of the espeak rows and what its speaker normalisation and operating point need."""
+
+    model: object
+    C: float
+    mean: np.ndarray  # (F,) global statistics of the training rows before speaker normalisation
+    std: np.ndarray
+    X: np.ndarray  # (2 * clips, F) RAVDESS train as recorded, then its telephone copies (speaker-normalised if norm)
+    y: np.ndarray  # (2 * clips,) MELD7 label indices
+    groups: np.ndarray  # (2 * clips,) actors
+    norm: bool
+
+
+def fit_probe(sources: list[str], norm: bool, bank: FeatureBank | None = None) -> Probe:
+    """The probe on RAVDESS train as recorded + one telephone copy per clip (seed 0), C by actor-grouped CV."""
     train = clips("train")
     y = np.array([c.label for c in train])
     groups = np.array([c.speaker for c in train])
-    bank = FeatureBank(sources)
+    bank = bank or FeatureBank(sources)
     rec, aug = bank.matrix(train, None, sources), bank.matrix(train, (0, "aug"), sources)
     X = np.concatenate([np.concatenate([rec[s] for s in sources], 1), np.concatenate([aug[s] for s in sources], 1)])
-    feats = {s: ModalityFeatures({"x": s}) for s in sources}
-    Xc = np.stack([np.concatenate([feats[s].from_signal(ln["audio"], ln["rate"])["x"][0] for s in sources]) for ln in lines])
     mean, std = X.mean(0), X.std(0)
     if norm:
         half = len(train)
         X = np.concatenate([speaker_normalised(X[:half], train, mean, std, 0), speaker_normalised(X[half:], train, mean, std, 0)])
-        from audio_encoders import Clip
+    yy, gg = np.concatenate([y, y]), np.concatenate([groups, groups])
+    model, C, cv = probe(X, yy, gg)
+    print(f"acoustic probe{' (speaker-normalised)' if norm else ''}: C={C} (train CV weighted F1 {cv:.3f})", flush=True)
+    return Probe(model, C, mean, std, X, yy, gg, norm)
 
-        who = [Clip(f"{ln['role']}-{ln['index']}", f"{ln['role']}:{ln['voice']}", 0, "") for ln in lines]
-        Xc = _in_line_order(Xc, who, mean, std)
-    model, C, cv = probe(X, np.concatenate([y, y]), np.concatenate([groups, groups]))
-    print(f"acoustic probe: C={C} (train CV weighted F1 {cv:.3f})", flush=True)
-    return [MELD7.labels[int(k)] for k in model.predict(Xc)]
+
+def line_features(lines: list[dict], sources: list[str]) -> np.ndarray:
+    """(lines, F) the probe's features of the voiced lines, sources concatenated in order."""
+    feats = {s: ModalityFeatures({"x": s}) for s in sources}
+    return np.stack([np.concatenate([feats[s].from_signal(ln["audio"], ln["rate"])["x"][0] for s in sources]) for ln in lines])
+
+
+def probe_lines(p: Probe, lines: list[dict], Xc: np.ndarray) -> np.ndarray:
+    """The probe's input for the lines: as computed, or speaker-normalised per voice and role in line order."""
+    if not p.norm:
+        return Xc
+    who = [Clip(f"{ln['role']}-{ln['index']}", f"{ln['role']}:{ln['voice']}", 0, "") for ln in lines]
+    return _in_line_order(Xc, who, p.mean, p.std)
+
+
+def acoustic_path(lines: list[dict], sources: list[str], norm: bool) -> list[str]:
+    p = fit_probe(sources, norm)
+    return [MELD7.labels[int(k)] for k in p.model.predict(probe_lines(p, lines, line_features(lines, sources)))]
 
 
 def _in_line_order(X: np.ndarray, who, mean, std) -> np.ndarray:
@@ -137,6 +185,174 @@ def encoders_alone(rec, items: list) -> list[str] | None:
     return [rec.label_set.labels[int(k)] for k in logits.argmax(1)]
 
 
+# ---------------------------------------------------------------------------------------- the human set
+CALM_LABEL = MELD7.index("neutral")  # RAVDESS neutral and calm both fold into it
+NEGATIVE_IDX = [MELD7.index(k) for k in MELD7.negative]
+
+
+def human_masks(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(calm, upset) masks over MELD7-folded labels: neutral (RAVDESS neutral + calm); a negative label."""
+    y = np.asarray(y)
+    return y == CALM_LABEL, np.isin(y, NEGATIVE_IDX)
+
+
+TAU_PICKS = {"pooled": "train-CV calm clips, recordings + telephone copies", "telephone": "train-CV calm telephone copies"}
+
+
+def cv_taus(p: Probe, target: float) -> dict[str, dict]:
+    """tau from out-of-fold probabilities on RAVDESS train (the folds of the probe's C search: 4, actor-grouped):
+    per pick of `TAU_PICKS`, the smallest that alarms at most `target` of those calm clips; with the train-CV
+    false alarms and hits it gives on the recordings, the telephone copies and both."""
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+
+    folds = StratifiedGroupKFold(n_splits=4, shuffle=True, random_state=SEED)
+    proba = cross_val_predict(probe_model(p.C), p.X, p.y, groups=p.groups, cv=folds, method="predict_proba")  # (N, 7)
+    score = negative_mass(proba, range(len(MELD7.labels)), NEGATIVE_IDX)
+    calm, upset = human_masks(p.y)
+    copy = np.arange(len(p.y)) >= len(p.y) // 2  # the telephone copies
+    subsets = {"recorded": ~copy, "telephone": copy, "pooled": np.ones_like(copy)}
+    out = {}
+    for pick in TAU_PICKS:
+        tau = pick_tau(score[calm & subsets[pick]], target)
+        out[pick] = {"tau": tau, "target": target, **{
+            name: {"false_alarms": alarm_share(score[calm & m], tau) * 100, "hits": alarm_share(score[upset & m], tau) * 100}
+            for name, m in subsets.items()}}
+    return out
+
+
+def filename_normalised(X: np.ndarray, items: list[Clip], mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Past-only speaker normalisation with each speaker's clips in file-name order (RAVDESS: by emotion code,
+    so neutral and calm come first)."""
+    order = sorted(range(len(items)), key=lambda i: Path(items[i].path).name)
+    out = np.empty_like(X)
+    out[order] = _in_line_order(X[order], [items[i] for i in order], mean, std)
+    return out
+
+
+def shipped_on_clips(rec, F: dict[str, np.ndarray], items: list[Clip], norm: bool) -> tuple[list[str], list[str] | None]:
+    """The shipped model's audio-only path (empty text) and its encoders alone, on features precomputed per source
+    ({source: (clips, F)}); `norm`: the checkpoint's speaker normalisation per actor, past-only, each actor's clips
+    in the seeded order of `speaker_normalised` (seed 0)."""
+    from tracker.types import UtteranceInput
+
+    audio = [{m.name: F[m.source][i:i + 1] for m in rec.config.adapter.modalities} for i in range(len(items))]
+    if norm:
+        normalizers, stats = rec.speaker_normalizers(), {}
+        for i in in_speaker_time_order(range(len(items)), lambda i: items[i].speaker, lambda i: items[i].clip_id, 0):
+            for name, normalizer in normalizers.items():
+                st = stats.setdefault((items[i].speaker, name), normalizer.new_stats())
+                audio[i][name] = normalizer.step(audio[i][name], st)
+    inputs = [UtteranceInput("", c.speaker, (), a) for c, a in zip(items, audio)]
+    return [p.label for p in rec.predict(inputs)], encoders_alone(rec, inputs)
+
+
+def _counts(labels: list[str]) -> str:
+    return ", ".join(f"{k} {labels.count(k)}" for k in sorted(set(labels), key=lambda k: (-labels.count(k), k)))
+
+
+def human_row(name: str, copy: str, neg: np.ndarray, labels: list[str] | None, calm: np.ndarray, upset: np.ndarray) -> dict:
+    """One table row: `neg` (clips,) alarm flags, `labels` the labels given (None for a threshold row)."""
+    neg = np.asarray(neg, dtype=bool)
+    row = {"name": name, "copy": copy, "false_alarms": float(neg[calm].mean() * 100), "hits": float(neg[upset].mean() * 100),
+           "false_alarm_count": int(neg[calm].sum()), "calm": int(calm.sum()),
+           "hit_count": int(neg[upset].sum()), "upset": int(upset.sum())}
+    if labels is None:
+        row["calm_labels"] = row["upset_labels"] = "-"
+    else:
+        row["calm_labels"] = _counts([lb for lb, m in zip(labels, calm) if m])
+        row["upset_labels"] = _counts([lb for lb, m in zip(labels, upset) if m])
+    return row
+
+
+def human_main(args) -> int:
+    """The --human tables: RAVDESS dev (actors 17-20) calm vs upset clips, as recorded and telephone band."""
+    dev = clips("dev")
+    calm, upset = human_masks([c.label for c in dev])
+    print(f"RAVDESS dev: {len(dev)} clips of {len({c.speaker for c in dev})} actors; {calm.sum()} calm "
+          f"(neutral + calm), {upset.sum()} upset (anger, fear, sadness, disgust)\n", flush=True)
+    shipped_sources: list[str] = []
+    rec = None
+    if not args.skip_recognizer:
+        from tracker.model.default import default_checkpoint
+        from tracker.model.recognizer import EmotionRecognizer
+
+        rec = EmotionRecognizer.from_pretrained(default_checkpoint())
+        shipped_sources = [m.source for m in rec.config.adapter.modalities]
+    sources = list(dict.fromkeys(([] if args.skip_acoustic else args.sources) + shipped_sources))
+    bank = FeatureBank(sources)
+    copies = {"as recorded": bank.matrix(dev, None, sources),
+              "telephone": bank.matrix(dev, (TELEPHONE_DEV_SEED, COPY_KEY), sources)}  # bench/audio_encoders.py's dev copy
+    rows, espeak_rows, taus, dev_oracle = [], [], {}, {}
+    if not args.skip_acoustic:
+        lines = voiced_lines()
+        Xl = line_features(lines, args.sources)
+        line_calm = np.array([ln["role"] == "agent" for ln in lines])
+        for norm in (False, True):
+            p = fit_probe(args.sources, norm, bank)
+            picks = cv_taus(p, args.target_fa)
+            taus["norm" if norm else "plain"] = picks
+            for pick, rep in picks.items():
+                print(f"  tau = {rep['tau']:.4f} ({TAU_PICKS[pick]} <= {args.target_fa:.0%}): train CV false alarms / hits: "
+                      f"recordings {rep['recorded']['false_alarms']:.1f}% / {rep['recorded']['hits']:.1f}%, "
+                      f"telephone copies {rep['telephone']['false_alarms']:.1f}% / {rep['telephone']['hits']:.1f}%", flush=True)
+            base = "acoustic probe" + (" + speaker norm per actor" if norm else "")
+            for copy, F in copies.items():
+                X = np.concatenate([F[s] for s in args.sources], 1)
+                variants = [("", X)] if not norm else [
+                    (" (seeded clip order)", speaker_normalised(X, dev, p.mean, p.std, 0)),
+                    (" (file-name order: calm clips first)", filename_normalised(X, dev, p.mean, p.std))]
+                for k, (suffix, Xv) in enumerate(variants):
+                    proba = p.model.predict_proba(Xv)  # (clips, 7)
+                    labels = [MELD7.labels[int(c)] for c in p.model.classes_[proba.argmax(1)]]
+                    rows.append(human_row(base + suffix, copy, np.array([lb in NEGATIVE for lb in labels]), labels, calm, upset))
+                    if k > 0:
+                        continue
+                    mass = negative_mass(proba, p.model.classes_, NEGATIVE_IDX)
+                    for pick, rep in picks.items():
+                        rows.append(human_row(f"{base}{suffix}, alarm at P(negative) >= {rep['tau']:.3f} (tau on {pick} train CV)",
+                                              copy, mass >= rep["tau"], None, calm, upset))
+                    oracle = pick_tau(mass[calm], args.target_fa)  # chosen ON dev: a ceiling, not an operating point
+                    dev_oracle[f"{base}{suffix}, {copy}"] = {"tau": oracle, "false_alarms": alarm_share(mass[calm], oracle) * 100,
+                                                             "hits": alarm_share(mass[upset], oracle) * 100}
+            proba = p.model.predict_proba(probe_lines(p, lines, Xl))
+            labels = [MELD7.labels[int(c)] for c in p.model.classes_[proba.argmax(1)]]
+            mass = negative_mass(proba, p.model.classes_, NEGATIVE_IDX)
+            name = "acoustic probe" + (" + speaker norm per voice" if norm else "")
+            espeak_rows.append(human_row(name, "espeak 8 kHz", np.array([lb in NEGATIVE for lb in labels]), labels, line_calm, ~line_calm))
+            for pick, rep in picks.items():
+                espeak_rows.append(human_row(f"{name}, alarm at P(negative) >= {rep['tau']:.3f} (tau on {pick} train CV)",
+                                             "espeak 8 kHz", mass >= rep["tau"], None, line_calm, ~line_calm))
+    if rec is not None:
+        for norm in (False, True):
+            suffix = ", speaker-normalised per actor (seeded clip order)" if norm else ""
+            for copy, F in copies.items():
+                audio_only, encoders = shipped_on_clips(rec, F, dev, norm)
+                rows.append(human_row(f"shipped recognizer, audio only (empty text){suffix}", copy,
+                                      np.array([lb in NEGATIVE for lb in audio_only]), audio_only, calm, upset))
+                if encoders is not None:
+                    rows.append(human_row(f"shipped adapter's acoustic encoders alone{suffix}", copy,
+                                          np.array([lb in NEGATIVE for lb in encoders]), encoders, calm, upset))
+    rows.sort(key=lambda r: not r["name"].startswith("acoustic"))  # stable: probe rows first, each name's copies together
+    print("\n| recognizer | RAVDESS dev | calm clips labelled negative (false alarms) | upset clips labelled negative (hits) "
+          "| labels given to the calm clips | labels given to the upset clips |")
+    print("|---|---|---:|---:|---|---|")
+    for r in rows + espeak_rows:
+        print(f"| {r['name']} | {r['copy']} | {r['false_alarms']:.1f}% ({r['false_alarm_count']}/{r['calm']}) | "
+              f"{r['hits']:.1f}% ({r['hit_count']}/{r['upset']}) | {r['calm_labels']} | {r['upset_labels']} |", flush=True)
+    if dev_oracle:
+        print(f"\nceiling, tau chosen ON dev (not an operating point): the smallest tau with <= {args.target_fa:.0%} of the "
+              "dev calm clips alarmed, and the hits it leaves:")
+        for name, r in dev_oracle.items():
+            print(f"  {name}: tau {r['tau']:.3f}, false alarms {r['false_alarms']:.1f}%, hits {r['hits']:.1f}%")
+    if args.json:
+        desc = (f"RAVDESS dev (actors 17-20): {int(calm.sum())} calm clips (neutral + calm) and {int(upset.sum())} upset clips "
+                "(angry, fearful, sad, disgust), as recorded and through the telephone channel (seed TELEPHONE_DEV_SEED); "
+                "negative = anger, disgust, fear or sadness; espeak rows: the call-center lines.")
+        Path(args.json).write_text(json.dumps({"description": desc, "rows": rows, "espeak_rows": espeak_rows,
+                                               "taus": taus, "dev_ceiling": dev_oracle, "sources": args.sources}, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sources", nargs="+", default=["whisper_tiny.en_l2_meanstd", "whisper_base_l4_meanstd", EGEMAPS])
@@ -145,8 +361,14 @@ def main() -> int:
     ap.add_argument("--skip-acoustic", action="store_true")
     ap.add_argument("--recognizer-norm", action="store_true",
                     help="also run the shipped recognizer with past-only speaker normalisation per voice and role")
+    ap.add_argument("--human", action="store_true",
+                    help="the human set instead: RAVDESS dev calm vs upset clips, as recorded and telephone band")
+    ap.add_argument("--target-fa", type=float, default=0.10,
+                    help="--human: the operating point's false-alarm target on train-CV calm clips")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
+    if args.human:
+        return human_main(args)
     lines = voiced_lines()
     print(f"{len(lines)} lines voiced at 8 kHz ({sum(len(ln['audio']) / ln['rate'] for ln in lines):.0f} s)\n", flush=True)
     rows = []
