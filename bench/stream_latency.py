@@ -24,7 +24,7 @@ their utterances end in bursts: the worst case).
 in the same bench run with the same script (PYTHONPATH puts its code first, in Ray's workers too).
 
 Usage: python bench/stream_latency.py [--n 1 4 16 32] [--before moves] [--replicas 1 2] [--checkpoint DIR]
-       [--feature-replicas 2] [--stagger] [--asr on]
+       [--feature-replicas 2] [--stagger] [--asr on [--no-transcripts]]
 """
 
 from __future__ import annotations
@@ -289,8 +289,8 @@ def child(args: argparse.Namespace) -> dict:
         recs = []
         for call in CALLS:
             v = voice_conversation(call)
-            recs.append((Recording(v.samples, v.sample_rate, v.speakers,
-                                   [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in v.utterances]), v.utterances))
+            said = [] if args.no_transcripts else [{k: u[k] for k in ("speaker", "text", "start_ms", "end_ms")} for u in v.utterances]
+            recs.append((Recording(v.samples, v.sample_rate, v.speakers, said), v.utterances))
         svc_args = {"model": {"checkpoint": args.checkpoint, "max_batch_size": args.max_batch_size},
                     "deployments": {"emotion_model": {"num_cpus": 1.0, "max_ongoing_requests": max(32, args.max_batch_size)}}}
         if _knows_asr():  # versions with speech recognition: on only when asked (the calls bring transcripts)
@@ -300,6 +300,7 @@ def child(args: argparse.Namespace) -> dict:
         with start_service(svc_args) as svc:
             url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url  # the local API key
             asyncio.run(run_n(url, recs, 1, 8.0))  # warm-up
+            time.sleep(11)  # ... and its metrics exported before the first scrape
             c0 = settled_counters()
             asyncio.run(empty_call(url))
             per_call = delta(settled_counters(), c0)
@@ -354,7 +355,7 @@ def run_version(label: str, code_dir: Path, args: argparse.Namespace) -> dict:
            *map(str, args.replicas), "--checkpoint", args.checkpoint, "--speed", str(args.speed),
            "--max-batch-size", str(args.max_batch_size), "--cache-calls", str(args.cache_calls),
            "--cache-turns", str(args.cache_turns), "--asr", args.asr, "--feature-replicas", str(args.feature_replicas),
-           *(["--stagger"] if args.stagger else [])]
+           *(["--stagger"] if args.stagger else []), *(["--no-transcripts"] if args.no_transcripts else [])]
     print(f"== {label}: {code_dir} ({git_rev(code_dir)})", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=code_dir, capture_output=True, text=True)
     result: dict = {"latency": [], "cache": []}
@@ -394,6 +395,8 @@ def main() -> None:
     ap.add_argument("--feature-replicas", type=int, default=1, help="FeatureExtractor replicas (each encodes on one thread)")
     ap.add_argument("--asr", choices=["on", "off"], default="off",
                     help="speech recognition in the service (the calls stream client transcripts either way)")
+    ap.add_argument("--no-transcripts", action="store_true",
+                    help="stream the calls' audio only, so that speech recognition (--asr on) transcribes every utterance")
     ap.add_argument("--stagger", action="store_true",
                     help="spread the calls' starts over one call's length (default: all start together, the worst case)")
     ap.add_argument("--max-batch-size", type=int, default=16)
