@@ -184,12 +184,13 @@ def delta(after: dict, before: dict) -> dict[str, dict[str, int]]:
 
 # ------------------------------------------------------------------ one version (the child process)
 
-async def one_call(url: str, rec, truth: list[dict], speed: float, lat: list[float]) -> int:
+async def one_call(url: str, rec, truth: list[dict], speed: float, lat: list[float], frame_ms: int | None = None) -> int:
     from clients.stream_client import stream_recording
 
     t0 = time.perf_counter()
     arrivals: list[tuple[float, dict]] = []
-    out = await stream_recording(url, f"bench-{uuid.uuid4().hex[:8]}", rec, speed=speed,
+    kw = {"chunk_ms": frame_ms} if frame_ms else {}  # None: the client's default (tracker.stream.protocol.FRAME_MS)
+    out = await stream_recording(url, f"bench-{uuid.uuid4().hex[:8]}", rec, speed=speed, **kw,
                                  on_message=lambda m: arrivals.append((time.perf_counter(), m)) if m.get("type") == "utterance" else None)
     for when, msg in arrivals:
         match = [u for u in truth if u["speaker"] == msg["speaker"]
@@ -199,7 +200,8 @@ async def one_call(url: str, rec, truth: list[dict], speed: float, lat: list[flo
     return len(out.results)
 
 
-async def run_n(url: str, recs: list, n: int, speed: float, stagger: bool = False) -> tuple[list[float], int, float]:
+async def run_n(url: str, recs: list, n: int, speed: float, stagger: bool = False,
+                frame_ms: int | None = None) -> tuple[list[float], int, float]:
     """N calls at once. `stagger`: call i starts i/N of a call's length after the first, as calls on a floor
     do, instead of all N (copies of two recordings) starting together, whose utterances then end in bursts."""
     lat: list[float] = []
@@ -207,7 +209,7 @@ async def run_n(url: str, recs: list, n: int, speed: float, stagger: bool = Fals
 
     async def delayed(i: int) -> int:
         await asyncio.sleep(period * i / n if stagger else 0.0)
-        return await one_call(url, *recs[i % len(recs)], speed, lat)
+        return await one_call(url, *recs[i % len(recs)], speed, lat, frame_ms)
 
     t0 = time.perf_counter()
     counts = await asyncio.gather(*(delayed(i) for i in range(n)))
@@ -308,7 +310,7 @@ def child(args: argparse.Namespace) -> dict:
             print(json.dumps({"progress": per_call, "kind": "per_call"}), flush=True)
             for n in args.n:
                 c0, cpu0, st0 = settled_counters(), cpu_seconds(), stage_sums(svc)
-                lat, count, secs = asyncio.run(run_n(url, recs, n, args.speed, args.stagger))
+                lat, count, secs = asyncio.run(run_n(url, recs, n, args.speed, args.stagger, args.frame_ms))
                 cpu = cpu_delta(cpu_seconds(), cpu0)
                 d = delta(settled_counters(), c0)
                 time.sleep(11)  # Ray's metrics agent exports every few seconds
@@ -355,7 +357,8 @@ def run_version(label: str, code_dir: Path, args: argparse.Namespace) -> dict:
            *map(str, args.replicas), "--checkpoint", args.checkpoint, "--speed", str(args.speed),
            "--max-batch-size", str(args.max_batch_size), "--cache-calls", str(args.cache_calls),
            "--cache-turns", str(args.cache_turns), "--asr", args.asr, "--feature-replicas", str(args.feature_replicas),
-           *(["--stagger"] if args.stagger else []), *(["--no-transcripts"] if args.no_transcripts else [])]
+           *(["--stagger"] if args.stagger else []), *(["--no-transcripts"] if args.no_transcripts else []),
+           *(["--frame-ms", str(args.frame_ms)] if args.frame_ms else [])]
     print(f"== {label}: {code_dir} ({git_rev(code_dir)})", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=code_dir, capture_output=True, text=True)
     result: dict = {"latency": [], "cache": []}
@@ -397,6 +400,8 @@ def main() -> None:
                     help="speech recognition in the service (the calls stream client transcripts either way)")
     ap.add_argument("--no-transcripts", action="store_true",
                     help="stream the calls' audio only, so that speech recognition (--asr on) transcribes every utterance")
+    ap.add_argument("--frame-ms", type=int, default=None,
+                    help="audio per binary frame the calls send (default: the bundled client's, 100 ms)")
     ap.add_argument("--stagger", action="store_true",
                     help="spread the calls' starts over one call's length (default: all start together, the worst case)")
     ap.add_argument("--max-batch-size", type=int, default=16)
