@@ -8,8 +8,9 @@ settings; dev = actors 17-20, folded to MELD's 7 labels),
 for eGeMAPS functionals, Whisper encoder states (tiny.en blocks 2/3/4, base blocks 2/4/6, mean+std
 pooled over the real length) and their combinations (the Whisper layers for the combinations are
 the best single ones by train CV, never by dev). Each in four settings: with and without
-telephone-channel augmentation of train (one simulated copy per clip beside the recording, drawn
-with the run's seed) and with and without past-only speaker normalisation; each scored on dev as
+telephone-channel augmentation of train (``--aug-copies`` K simulated copies per clip beside the
+recording, default 1; copy j drawn with seed run seed + 1000 j, see :func:`aug_conditions`) and with
+and without past-only speaker normalisation; each scored on dev as
 recorded and on the telephone-band copy of dev (``tracker.audio.channel``, fixed seed). Seeds
 change the channel draws of the augmentation and the speakers' clip order; a setting without
 either is the same for every seed. Features go through ``ModalityFeatures`` (the training and
@@ -20,6 +21,7 @@ and their auxiliary linear classifiers, trained without the LLM) on eGeMAPS LLDs
 both, as in BENCHMARKS.md's earlier table.
 
     python bench/audio_encoders.py --seeds 0 1 2 --json encoders.json
+    python bench/audio_encoders.py --only whisper_tiny.en_l2_meanstd whisper_base_l4_meanstd egemaps_functionals --aug-copies 3
     python bench/audio_encoders.py --table warmup --epochs 20 --seeds 0 1 2
 """
 
@@ -58,6 +60,22 @@ TINY = [f"whisper_tiny.en_l{k}_meanstd" for k in (2, 3, 4)]
 BASE = [f"whisper_base_l{k}_meanstd" for k in (2, 4, 6)]
 C_GRID = [{"C": c} for c in (0.001, 0.01, 0.1)]
 SETTINGS = [("plain", False, False), ("aug", True, False), ("norm", False, True), ("aug+norm", True, True)]
+AUG_KEY = "aug"  # the channel key of a training copy (clip id, AUG_KEY); dev copies use COPY_KEY
+AUG_SEED_STRIDE = 1000  # copy j of run seed s is drawn with seed s + AUG_SEED_STRIDE * j
+
+
+def aug_conditions(seed: int, copies: int = 1) -> list[tuple[int, str]]:
+    """The FeatureBank conditions of `copies` telephone copies of each training clip for run seed `seed`.
+
+    Copy 0 is (seed, AUG_KEY), the single copy of the earlier figures; copy j is drawn with seed
+    seed + AUG_SEED_STRIDE * j, so each copy gets its own gain, noise and codec draws and the copies of
+    run seeds 0..AUG_SEED_STRIDE-1 never coincide (hence the seed range when copies > 1).
+    """
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"aug copies: expected an integer >= 1, got {copies!r}")
+    if copies > 1 and not 0 <= seed < AUG_SEED_STRIDE:
+        raise ValueError(f"seed: with {copies} aug copies expected 0 <= seed < {AUG_SEED_STRIDE}, got {seed!r}")
+    return [(seed + AUG_SEED_STRIDE * j, AUG_KEY) for j in range(copies)]
 
 
 @dataclass
@@ -94,9 +112,23 @@ class FeatureBank:
                 rows[s].append(self.features[s].from_signal(x, rate)["x"][0])
         return {s: np.stack(v) for s, v in rows.items()}
 
+    def copies(self, items: list[Clip], seed: int, copies: int, sources: list[str]) -> dict[str, np.ndarray]:
+        """{source: (copies * clips, F)}: the `aug_conditions(seed, copies)` telephone copies, copy-major
+        (rows j * len(items) .. (j + 1) * len(items) - 1 are copy j)."""
+        parts = [self.matrix(items, cond, sources) for cond in aug_conditions(seed, copies)]
+        return {s: np.concatenate([p[s] for p in parts]) for s in sources}
+
 
 def speaker_normalised(X: np.ndarray, items: list[Clip], mean: np.ndarray, std: np.ndarray, seed: int) -> np.ndarray:
-    """Each clip normalised with its speaker's earlier clips only (clip order per speaker seeded)."""
+    """Each clip normalised with its speaker's earlier clips only (clip order per speaker seeded).
+
+    X may hold several copies of `items`, copy-major ((copies * len(items), F)); each copy is then
+    normalised as its own session."""
+    n = len(items)
+    if X.shape[0] != n:
+        if X.shape[0] % n:
+            raise ValueError(f"speaker_normalised: {X.shape[0]} rows is not a whole number of copies of {n} clips")
+        return np.concatenate([speaker_normalised(X[j:j + n], items, mean, std, seed) for j in range(0, X.shape[0], n)])
     norm = SpeakerNormalizer(mean, std)
     out = np.empty_like(X)
     stats: dict[str, object] = {}
@@ -131,7 +163,7 @@ def probe_table(args) -> dict:
     train, dev = clips("train"), clips("dev")
     ytr, ydev = np.array([c.label for c in train]), np.array([c.label for c in dev])
     groups = np.array([c.speaker for c in train])
-    sources = [EGEMAPS] + TINY + BASE
+    sources = args.only or [EGEMAPS] + TINY + BASE
     bank = FeatureBank(sources, threads=args.threads)
     t0 = time.time()
     F = {"train": bank.matrix(train, None, sources), "dev": bank.matrix(dev, None, sources),
@@ -145,13 +177,17 @@ def probe_table(args) -> dict:
             cv_cache[src] = probe(F["train"][src], ytr, groups)[2]
         return cv_cache[src]
 
-    best_tiny = max(TINY, key=cv_score)
-    best_base = max(BASE, key=cv_score)
-    augmented = [EGEMAPS, best_tiny, best_base]  # augmentation copies only for these (time)
+    K = args.aug_copies
+    if args.only:  # one row: these sources together, all augmented
+        augmented, rows = list(sources), [list(sources)]
+    else:
+        best_tiny = max(TINY, key=cv_score)
+        best_base = max(BASE, key=cv_score)
+        augmented = [EGEMAPS, best_tiny, best_base]  # augmentation copies only for these (time)
+        rows = [[s] for s in sources] + [[best_tiny, best_base], [best_base, EGEMAPS], [best_tiny, best_base, EGEMAPS]]
     for s in args.seeds:
-        F[f"aug{s}"] = bank.matrix(train, (s, "aug"), augmented)
-    print(f"features with augmentation copies: {time.time() - t0:.0f} s", flush=True)
-    rows = [[s] for s in sources] + [[best_tiny, best_base], [best_base, EGEMAPS], [best_tiny, best_base, EGEMAPS]]
+        F[f"aug{s}"] = bank.copies(train, s, K, augmented)  # (K * clips, F) per source
+    print(f"features with {K} augmentation cop{'y' if K == 1 else 'ies'} per clip: {time.time() - t0:.0f} s", flush=True)
     results = {}
     head = " | ".join(f"{name} rec | {name} tel" for name, _, _ in SETTINGS)
     print(f"\n| features | dims | {head} |")
@@ -171,7 +207,7 @@ def probe_table(args) -> dict:
                 items = train
                 if aug:
                     Xtr = np.concatenate([Xtr, cat[f"aug{s}"]])
-                    yt, gt = np.concatenate([ytr, ytr]), np.concatenate([groups, groups])
+                    yt, gt = np.tile(ytr, 1 + K), np.tile(groups, 1 + K)
                 mean, std = Xtr.mean(0), Xtr.std(0)
                 Xd, Xt = cat["dev"], cat["dev_tel"]
                 if norm:
@@ -188,8 +224,11 @@ def probe_table(args) -> dict:
             cells += [f"{np.mean(rec):.2f} ± {np.std(rec):.2f}", f"{np.mean(tel):.2f} ± {np.std(tel):.2f}"]
         results[name] = {"sources": row, "dims": int(cat["train"].shape[1]), **res}
         print(f"| {name} | {cat['train'].shape[1]} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\nbest single layers by train CV (weighted F1): {best_tiny}, {best_base}; "
-          + ", ".join(f"{k} {v:.3f}" for k, v in cv_cache.items()) + f"; total {time.time() - t0:.0f} s")
+    if args.only:
+        print(f"\ntotal {time.time() - t0:.0f} s")
+    else:
+        print(f"\nbest single layers by train CV (weighted F1): {best_tiny}, {best_base}; "
+              + ", ".join(f"{k} {v:.3f}" for k, v in cv_cache.items()) + f"; total {time.time() - t0:.0f} s")
     return results
 
 
@@ -239,6 +278,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20, help="warm-up epochs (--table warmup)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=1, help="CTranslate2 threads for the Whisper encoders")
+    ap.add_argument("--aug-copies", type=int, default=1,
+                    help="telephone copies per train clip in the aug settings (copy j: seed + 1000 j; default 1)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="SOURCE",
+                    help="one row: these sources together (no layer choice by train CV), augmented")
     ap.add_argument("--json", help="write the probe results here")
     args = ap.parse_args()
     if args.table == "warmup":

@@ -10,8 +10,9 @@ an upset line labelled negative a hit.
 
 Two recognizers:
 - the acoustic path alone: the probe of bench/audio_encoders.py (standardisation + logistic
-  regression, C by actor-grouped CV) trained on RAVDESS train as recorded plus one telephone-channel
-  copy per clip (seed 0), on the `--sources` features (default: Whisper tiny.en block 2 + base
+  regression, C by actor-grouped CV) trained on RAVDESS train as recorded plus ``--aug-copies`` K
+  telephone-channel copies per clip (default 1: seed 0; copy j drawn with seed 1000 j,
+  `audio_encoders.aug_conditions`), on the `--sources` features (default: Whisper tiny.en block 2 + base
   block 4 + eGeMAPS functionals, the best of bench/audio_encoders.py), optionally with past-only
   speaker normalisation per voice and role;
 - the full shipped recognizer (tracker/assets/model: Gemma-3-270M + the adapter reading the text and its
@@ -34,7 +35,7 @@ copies pooled, and on the telephone copies alone; the same taus then on the espe
 gives the ceiling: the tau chosen *on* dev for the target and the hits it leaves (not an operating point).
 
     python bench/callcenter.py [--sources ...] [--norm] [--skip-recognizer] [--skip-acoustic] [--recognizer-norm] [--json F]
-    python bench/callcenter.py --human [--sources ...] [--target-fa 0.10] [--skip-recognizer] [--skip-acoustic] [--json F]
+    python bench/callcenter.py --human [--sources ...] [--target-fa 0.10] [--aug-copies K] [--skip-recognizer] [--skip-acoustic] [--json F]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audio_encoders import EGEMAPS, Clip, FeatureBank, clips, probe, probe_model, speaker_normalised  # noqa: E402
+from audio_encoders import EGEMAPS, Clip, FeatureBank, acc, clips, probe, probe_model, speaker_normalised  # noqa: E402
 from baselines import SEED  # noqa: E402
 from operating_point import alarm_share, negative_mass, pick_tau  # noqa: E402
 
@@ -95,28 +96,36 @@ class Probe:
     C: float
     mean: np.ndarray  # (F,) global statistics of the training rows before speaker normalisation
     std: np.ndarray
-    X: np.ndarray  # (2 * clips, F) RAVDESS train as recorded, then its telephone copies (speaker-normalised if norm)
-    y: np.ndarray  # (2 * clips,) MELD7 label indices
-    groups: np.ndarray  # (2 * clips,) actors
+    X: np.ndarray  # ((1 + K) * clips, F) RAVDESS train as recorded, then its K telephone copies (speaker-normalised if norm)
+    y: np.ndarray  # ((1 + K) * clips,) MELD7 label indices
+    groups: np.ndarray  # ((1 + K) * clips,) actors
     norm: bool
+    copies: int = 1  # K
+
+    @property
+    def is_copy(self) -> np.ndarray:
+        """((1 + K) * clips,) True on the rows of the telephone copies."""
+        return np.arange(len(self.y)) >= len(self.y) // (1 + self.copies)
 
 
-def fit_probe(sources: list[str], norm: bool, bank: FeatureBank | None = None) -> Probe:
-    """The probe on RAVDESS train as recorded + one telephone copy per clip (seed 0), C by actor-grouped CV."""
+def fit_probe(sources: list[str], norm: bool, bank: FeatureBank | None = None, copies: int = 1) -> Probe:
+    """The probe on RAVDESS train as recorded + `copies` telephone copies per clip (run seed 0: copy j drawn with
+    seed 1000 j), C by actor-grouped CV; each copy is speaker-normalised as its own session if `norm`."""
     train = clips("train")
     y = np.array([c.label for c in train])
     groups = np.array([c.speaker for c in train])
     bank = bank or FeatureBank(sources)
-    rec, aug = bank.matrix(train, None, sources), bank.matrix(train, (0, "aug"), sources)
+    rec, aug = bank.matrix(train, None, sources), bank.copies(train, 0, copies, sources)
     X = np.concatenate([np.concatenate([rec[s] for s in sources], 1), np.concatenate([aug[s] for s in sources], 1)])
     mean, std = X.mean(0), X.std(0)
     if norm:
-        half = len(train)
-        X = np.concatenate([speaker_normalised(X[:half], train, mean, std, 0), speaker_normalised(X[half:], train, mean, std, 0)])
-    yy, gg = np.concatenate([y, y]), np.concatenate([groups, groups])
+        n = len(train)
+        X = np.concatenate([speaker_normalised(X[:n], train, mean, std, 0), speaker_normalised(X[n:], train, mean, std, 0)])
+    yy, gg = np.tile(y, 1 + copies), np.tile(groups, 1 + copies)
     model, C, cv = probe(X, yy, gg)
-    print(f"acoustic probe{' (speaker-normalised)' if norm else ''}: C={C} (train CV weighted F1 {cv:.3f})", flush=True)
-    return Probe(model, C, mean, std, X, yy, gg, norm)
+    print(f"acoustic probe{' (speaker-normalised)' if norm else ''}, {copies} telephone cop{'y' if copies == 1 else 'ies'} "
+          f"per clip: C={C} (train CV weighted F1 {cv:.3f})", flush=True)
+    return Probe(model, C, mean, std, X, yy, gg, norm, copies)
 
 
 def line_features(lines: list[dict], sources: list[str]) -> np.ndarray:
@@ -133,8 +142,8 @@ def probe_lines(p: Probe, lines: list[dict], Xc: np.ndarray) -> np.ndarray:
     return _in_line_order(Xc, who, p.mean, p.std)
 
 
-def acoustic_path(lines: list[dict], sources: list[str], norm: bool) -> list[str]:
-    p = fit_probe(sources, norm)
+def acoustic_path(lines: list[dict], sources: list[str], norm: bool, copies: int = 1) -> list[str]:
+    p = fit_probe(sources, norm, copies=copies)
     return [MELD7.labels[int(k)] for k in p.model.predict(probe_lines(p, lines, line_features(lines, sources)))]
 
 
@@ -209,7 +218,7 @@ def cv_taus(p: Probe, target: float) -> dict[str, dict]:
     proba = cross_val_predict(probe_model(p.C), p.X, p.y, groups=p.groups, cv=folds, method="predict_proba")  # (N, 7)
     score = negative_mass(proba, range(len(MELD7.labels)), NEGATIVE_IDX)
     calm, upset = human_masks(p.y)
-    copy = np.arange(len(p.y)) >= len(p.y) // 2  # the telephone copies
+    copy = p.is_copy
     subsets = {"recorded": ~copy, "telephone": copy, "pooled": np.ones_like(copy)}
     out = {}
     for pick in TAU_PICKS:
@@ -282,13 +291,13 @@ def human_main(args) -> int:
     bank = FeatureBank(sources)
     copies = {"as recorded": bank.matrix(dev, None, sources),
               "telephone": bank.matrix(dev, (TELEPHONE_DEV_SEED, COPY_KEY), sources)}  # bench/audio_encoders.py's dev copy
-    rows, espeak_rows, taus, dev_oracle = [], [], {}, {}
+    rows, espeak_rows, taus, dev_oracle, accuracy = [], [], {}, {}, {}
     if not args.skip_acoustic:
         lines = voiced_lines()
         Xl = line_features(lines, args.sources)
         line_calm = np.array([ln["role"] == "agent" for ln in lines])
         for norm in (False, True):
-            p = fit_probe(args.sources, norm, bank)
+            p = fit_probe(args.sources, norm, bank, args.aug_copies)
             picks = cv_taus(p, args.target_fa)
             taus["norm" if norm else "plain"] = picks
             for pick, rep in picks.items():
@@ -298,6 +307,8 @@ def human_main(args) -> int:
             base = "acoustic probe" + (" + speaker norm per actor" if norm else "")
             for copy, F in copies.items():
                 X = np.concatenate([F[s] for s in args.sources], 1)
+                Xa = speaker_normalised(X, dev, p.mean, p.std, 0) if norm else X
+                accuracy[f"{base}, {copy}"] = acc(p.model, Xa, np.array([c.label for c in dev]))
                 variants = [("", X)] if not norm else [
                     (" (seeded clip order)", speaker_normalised(X, dev, p.mean, p.std, 0)),
                     (" (file-name order: calm clips first)", filename_normalised(X, dev, p.mean, p.std))]
@@ -339,6 +350,9 @@ def human_main(args) -> int:
     for r in rows + espeak_rows:
         print(f"| {r['name']} | {r['copy']} | {r['false_alarms']:.1f}% ({r['false_alarm_count']}/{r['calm']}) | "
               f"{r['hits']:.1f}% ({r['hit_count']}/{r['upset']}) | {r['calm_labels']} | {r['upset_labels']} |", flush=True)
+    if accuracy:
+        print(f"\nthe probe's 7-label accuracy on all {len(dev)} dev clips (argmax; normalised: seeded order): "
+              + "; ".join(f"{k} {v:.2f}%" for k, v in accuracy.items()))
     if dev_oracle:
         print(f"\nceiling, tau chosen ON dev (not an operating point): the smallest tau with <= {args.target_fa:.0%} of the "
               "dev calm clips alarmed, and the hits it leaves:")
@@ -349,7 +363,8 @@ def human_main(args) -> int:
                 "(angry, fearful, sad, disgust), as recorded and through the telephone channel (seed TELEPHONE_DEV_SEED); "
                 "negative = anger, disgust, fear or sadness; espeak rows: the call-center lines.")
         Path(args.json).write_text(json.dumps({"description": desc, "rows": rows, "espeak_rows": espeak_rows,
-                                               "taus": taus, "dev_ceiling": dev_oracle, "sources": args.sources}, indent=2) + "\n")
+                                               "taus": taus, "dev_ceiling": dev_oracle, "dev_accuracy": accuracy,
+                                               "aug_copies": args.aug_copies, "sources": args.sources}, indent=2) + "\n")
     return 0
 
 
@@ -365,6 +380,8 @@ def main() -> int:
                     help="the human set instead: RAVDESS dev calm vs upset clips, as recorded and telephone band")
     ap.add_argument("--target-fa", type=float, default=0.10,
                     help="--human: the operating point's false-alarm target on train-CV calm clips")
+    ap.add_argument("--aug-copies", type=int, default=1,
+                    help="telephone copies per RAVDESS train clip for the probe (copy j: seed 1000 j; default 1)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
     if args.human:
@@ -374,7 +391,7 @@ def main() -> int:
     rows = []
     if not args.skip_acoustic:
         rows.append((f"acoustic path: probe on {' + '.join(args.sources)}{' + speaker norm' if args.norm else ''}",
-                     acoustic_path(lines, args.sources, args.norm)))
+                     acoustic_path(lines, args.sources, args.norm, args.aug_copies)))
     if not args.skip_recognizer:
         text_audio, audio_only, encoders = full_recognizer(lines)
         rows += [("shipped recognizer (tracker/assets/model), text + audio", text_audio),

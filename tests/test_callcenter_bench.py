@@ -1,4 +1,5 @@
-"""bench/operating_point.py (the alarm threshold, fast, no data) and bench/callcenter.py's human set (RAVDESS dev)."""
+"""bench/operating_point.py (the alarm threshold, fast, no data), the K telephone training copies of
+bench/audio_encoders.py / bench/callcenter.py (fast, toy clips) and bench/callcenter.py's human set (RAVDESS dev)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,84 @@ def test_human_set_is_dev_actors_calm_and_upset(ravdess_dir):
     emotion = {c.utterances[0].utterance_id: c.utterances[0].extra["ravdess_emotion"] for c in read_ravdess("dev")}
     assert {emotion[c.clip_id] for c, m in zip(dev, calm) if m} == {"neutral", "calm"}
     assert {emotion[c.clip_id] for c, m in zip(dev, upset) if m} == {"angry", "fearful", "sad", "disgust"}
+
+
+# ------------------------------------------------------------------- K telephone copies per training clip
+ae = _load("audio_encoders")
+
+
+def test_aug_conditions_keep_the_single_copy_and_give_each_copy_its_own_seed():
+    assert ae.aug_conditions(0) == ae.aug_conditions(0, 1) == [(0, "aug")]  # the earlier figures' copy
+    conds = ae.aug_conditions(2, 3)
+    assert conds[0] == (2, "aug") and len({seed for seed, _ in conds}) == 3 and {k for _, k in conds} == {"aug"}
+    every = [c for s in (0, 1, 2) for c in ae.aug_conditions(s, 5)]  # run seeds never share a copy
+    assert len(set(every)) == 15
+    with pytest.raises(ValueError, match="aug copies"):
+        ae.aug_conditions(0, 0)
+    with pytest.raises(ValueError, match="seed"):
+        ae.aug_conditions(ae.AUG_SEED_STRIDE, 2)
+
+
+def _toy_clip(tmp_path: Path, name: str = "toy", seconds: float = 0.5, rate: int = 16000) -> "ae.Clip":
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    x = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)  # a hummed vowel
+    path = tmp_path / f"{name}.wav"
+    sf.write(path, x, rate)
+    return ae.Clip(name, "actor_00", 0, str(path))
+
+
+def test_k_copies_of_one_clip_are_distinct_telephone_audio(tmp_path):
+    from tracker.audio.channel import TelephoneChannel, channel_rng
+    from tracker.audio.pcm import read_audio
+
+    clip = _toy_clip(tmp_path)
+    x, rate = read_audio(clip.path, dtype="float32", target_rate=None)
+    channel = TelephoneChannel()
+    conds = ae.aug_conditions(0, 3)
+    copies = [channel(x, rate, seed, clip.clip_id, key)[0] for seed, key in conds]
+    assert all(c.shape == copies[0].shape and c.dtype == np.float32 for c in copies)  # 8 kHz, same length
+    assert all(not np.allclose(copies[i], copies[j]) for i in range(3) for j in range(i + 1, 3))
+    draws = [channel.draw(channel_rng(seed, clip.clip_id, key)) for seed, key in conds]
+    assert len({(d["gain_db"], d["snr_db"]) for d in draws}) == 3  # each copy its own gain and noise level
+    np.testing.assert_array_equal(copies[0], channel(x, rate, 0, clip.clip_id, "aug")[0])  # copy 0 = the single copy
+    np.testing.assert_array_equal(copies[1], channel(x, rate, *conds[1][:1], clip.clip_id, "aug")[0])  # reproducible
+
+
+class _Fingerprint:
+    """A stand-in feature source: (1, 2) [sum of samples, sample rate], so rows can be traced to their audio."""
+
+    def from_signal(self, x: np.ndarray, rate: int) -> dict[str, np.ndarray]:
+        return {"x": np.array([[float(np.sum(x, dtype=np.float64)), float(rate)]])}
+
+
+def test_feature_bank_stacks_k_copies_copy_major(tmp_path):
+    items = [_toy_clip(tmp_path, f"clip{i}", seconds=0.3 + 0.1 * i) for i in range(2)]
+    bank = ae.FeatureBank([])
+    bank.features = {"fp": _Fingerprint()}
+    X = bank.copies(items, 1, 3, ["fp"])["fp"]  # (3 * 2, 2)
+    assert X.shape == (6, 2) and (X[:, 1] == 8000).all()
+    for j, cond in enumerate(ae.aug_conditions(1, 3)):
+        np.testing.assert_array_equal(X[j * 2:(j + 1) * 2], bank.matrix(items, cond, ["fp"])["fp"])
+    assert len(set(X[:, 0].tolist())) == 6  # every copy of every clip differs
+    np.testing.assert_array_equal(bank.copies(items, 1, 1, ["fp"])["fp"], bank.matrix(items, (1, "aug"), ["fp"])["fp"])
+
+
+def test_speaker_normalised_treats_each_copy_as_its_own_session():
+    items = [ae.Clip(f"c{i}", f"actor_{i % 2}", 0, "") for i in range(6)]
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3 * 6, 4))
+    mean, std = np.zeros(4), np.ones(4)
+    stacked = ae.speaker_normalised(X, items, mean, std, 0)
+    for j in range(3):
+        np.testing.assert_allclose(stacked[j * 6:(j + 1) * 6], ae.speaker_normalised(X[j * 6:(j + 1) * 6], items, mean, std, 0))
+    with pytest.raises(ValueError, match="whole number of copies"):
+        ae.speaker_normalised(X[:7], items, mean, std, 0)
+
+
+def test_probe_marks_the_rows_of_k_copies():
+    cc = _load("callcenter")
+    y = np.tile(np.arange(5), 4)  # 5 clips, as recorded + 3 copies
+    p = cc.Probe(None, 0.01, np.zeros(1), np.ones(1), np.zeros((20, 1)), y, y, False, copies=3)
+    assert p.is_copy.tolist() == [False] * 5 + [True] * 15
