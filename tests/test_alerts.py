@@ -10,16 +10,10 @@ import pytest
 
 from tracker.alerts import AlertEngine, EscalationConfig, EscalationRule, SyncAlertEngine, alert_id
 from tracker.config import ConfigError, load_dataclass
-from tracker.context import ConversationStore, EmbeddedRedis, StoreConfig
+from tracker.context import ConversationStore, StoreConfig
 from tracker.context.schema import alert_outbox_key
 from tracker.context.store import AsyncConversationStore
 from tracker.labels import MELD7
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    with EmbeddedRedis() as server:
-        yield server
 
 
 @pytest.fixture()

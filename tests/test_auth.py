@@ -26,15 +26,6 @@ from services.limits import TokenBucket
 from tracker.config import ConfigError
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    from tracker.context.redis_server import EmbeddedRedis
-
-    server = EmbeddedRedis()
-    yield server.url
-    server.stop()
-
-
 def test_keys_are_random_and_only_their_hash_is_stored(redis_url):
     store = KeyStore(redis_url, prefix="t1")
     key, rec = store.create("acme", name="crm")

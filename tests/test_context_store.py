@@ -19,15 +19,9 @@ from tracker.labels import MELD7
 from tracker.types import Turn
 
 
-@pytest.fixture(scope="session")
-def redis_server_url():
-    with EmbeddedRedis() as server:
-        yield server.url
-
-
 @pytest.fixture
-def raw(redis_server_url):
-    client = redis.Redis.from_url(redis_server_url)
+def raw(redis_url):
+    client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
 
@@ -39,8 +33,8 @@ def cfg() -> StoreConfig:
 
 
 @pytest.fixture
-def store(redis_server_url, cfg):
-    with ConversationStore(redis_server_url, cfg, MELD7) as s:
+def store(redis_url, cfg):
+    with ConversationStore(redis_url, cfg, MELD7) as s:
         yield s
 
 
@@ -127,9 +121,9 @@ def test_ttl_set_on_every_key(store, raw, cfg):
         assert 0 < raw.ttl(key) <= cfg.ttl_seconds, key
 
 
-def test_stream_trimmed_to_maxlen(redis_server_url, raw, cfg):
+def test_stream_trimmed_to_maxlen(redis_url, raw, cfg):
     cfg.stream_maxlen = 10
-    s = ConversationStore(redis_server_url, cfg)
+    s = ConversationStore(redis_url, cfg)
     for i in range(300):
         s.append("c", rec(f"u{i}", final=False))
     n = raw.xlen(f"{cfg.key_prefix}:default:conv:c:stream")
@@ -182,10 +176,10 @@ def _process_worker(url: str, prefix: str, barrier, queue) -> None:
     s.close()
 
 
-def test_processes_racing_store_once(redis_server_url, raw, cfg):
+def test_processes_racing_store_once(redis_url, raw, cfg):
     ctx = mp.get_context("fork")  # multiprocessing children leave via os._exit: no atexit runs
     barrier, queue = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_process_worker, args=(redis_server_url, cfg.key_prefix, barrier, queue)) for _ in range(4)]
+    procs = [ctx.Process(target=_process_worker, args=(redis_url, cfg.key_prefix, barrier, queue)) for _ in range(4)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=20) for _ in procs]
@@ -279,8 +273,8 @@ def test_list_end_exists_seq(store):
     assert store.history("s")[0]["seq"] == 4
 
 
-def test_tenants_isolated(redis_server_url, raw, cfg):
-    a = ConversationStore(redis_server_url, cfg, tenant="acme")
+def test_tenants_isolated(redis_url, raw, cfg):
+    a = ConversationStore(redis_url, cfg, tenant="acme")
     b = a.with_tenant("globex")
     a.append("shared-id", rec("u1", "joy"))
     b.append("shared-id", rec("u1", "anger"))
@@ -360,8 +354,8 @@ def test_context_with_refinement_keeps_conversation_order(store):
 
 
 @pytest.mark.asyncio
-async def test_async_store_same_behaviour(redis_server_url, raw, cfg):
-    s = AsyncConversationStore(redis_server_url, cfg, MELD7)
+async def test_async_store_same_behaviour(redis_url, raw, cfg):
+    s = AsyncConversationStore(redis_url, cfg, MELD7)
     try:
         results = await asyncio.gather(*(s.append("c", rec("same")) for _ in range(16)))
         assert sum(stored for stored, _ in results) == 1 and len({e for _, e in results}) == 1
@@ -423,8 +417,8 @@ def test_ensure_redis(monkeypatch):
 
 
 @pytest.mark.parametrize("client_kwargs", [{"decode_responses": True}, {"protocol": 3}], ids=["decoded", "resp3"])
-def test_works_with_any_client_settings(redis_server_url, cfg, client_kwargs):
-    s = ConversationStore(redis.Redis.from_url(redis_server_url, **client_kwargs), cfg)
+def test_works_with_any_client_settings(redis_url, cfg, client_kwargs):
+    s = ConversationStore(redis.Redis.from_url(redis_url, **client_kwargs), cfg)
     s.append("c", rec("u1", final=False))
     stored, entry = s.append("c", rec("u1"))
     assert stored and s.append("c", rec("u1")) == (False, entry)
@@ -466,8 +460,8 @@ class CountingRedis(redis.Redis):
         return pipe
 
 
-def test_begin_and_commit_take_one_round_trip_each(redis_server_url, raw, cfg):
-    client = CountingRedis.from_url(redis_server_url)
+def test_begin_and_commit_take_one_round_trip_each(redis_url, raw, cfg):
+    client = CountingRedis.from_url(redis_url)
     store = ConversationStore(client, cfg, MELD7)
     store.commit("c", rec("warm"))  # loads the script (EVALSHA after the first run)
     for i in range(12):
@@ -500,8 +494,8 @@ def test_begin_returns_a_stored_final_and_commit_the_first_copy(store):
 
 
 @pytest.mark.asyncio
-async def test_async_begin_commit(redis_server_url, cfg):
-    async with AsyncConversationStore(redis_server_url, cfg, MELD7) as s:
+async def test_async_begin_commit(redis_url, cfg):
+    async with AsyncConversationStore(redis_url, cfg, MELD7) as s:
         stored = await s.commit("a", rec("u1"))
         assert stored["seq"] == 1
         final, index, ctx, _ = await s.begin("a", "u2", 3)

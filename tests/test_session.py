@@ -57,14 +57,6 @@ def checkpoint(tmp_path_factory, tiny_backbone):
 
 
 @pytest.fixture(scope="module")
-def redis_url():
-    from tracker.context.redis_server import EmbeddedRedis
-
-    with EmbeddedRedis() as server:
-        yield server.url
-
-
-@pytest.fixture(scope="module")
 def ray_service(checkpoint):
     svc = start_test_service(checkpoint)
     yield svc

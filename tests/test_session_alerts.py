@@ -12,17 +12,11 @@ from typing import Any
 import pytest
 
 from tracker.alerts import AlertEngine, EscalationConfig
-from tracker.context import EmbeddedRedis, StoreConfig
+from tracker.context import StoreConfig
 from tracker.context.store import AsyncConversationStore
 from tracker.labels import MELD7
 from tracker.stream import protocol as P
 from tracker.stream.session import StreamSession
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    with EmbeddedRedis() as server:
-        yield server
 
 
 class EnginePipeline:

@@ -300,14 +300,6 @@ def test_serve_config_files_name_asr():
 
 # -- speaker normalisation state in Redis -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def redis_url():
-    from tracker.context import EmbeddedRedis
-
-    with EmbeddedRedis() as server:
-        yield server.url
-
-
 @pytest.fixture
 def astore(redis_url):
     """A store with its own key prefix (the ops run the same on the sync and the async store)."""

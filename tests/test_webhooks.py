@@ -15,7 +15,7 @@ from tests.conftest import free_port
 from tracker.alerts import (AlertEngine, EscalationConfig, WebhookConfig, WebhookDispatcher, WebhookEndpoint,
                             verify_signature)
 from tracker.config import ConfigError
-from tracker.context import EmbeddedRedis, StoreConfig
+from tracker.context import StoreConfig
 from tracker.context.schema import alert_outbox_key
 from tracker.context.store import AsyncConversationStore
 from tracker.labels import MELD7
@@ -51,12 +51,6 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    with EmbeddedRedis() as server:
-        yield server
 
 
 @pytest.fixture()
