@@ -34,8 +34,13 @@ probabilities (the 4 actor-grouped folds of the C search), never dev: on the rec
 copies pooled, and on the telephone copies alone; the same taus then on the espeak lines. A last print
 gives the ceiling: the tau chosen *on* dev for the target and the hits it leaves (not an operating point).
 
+``--select-c separation`` chooses the probe's C (same grid, same 4 actor-grouped train folds) by the ROC AUC of
+P(negative) for the calm vs upset rows of the train telephone copies in out-of-fold probabilities, instead of by
+7-label weighted F1 (`separation_cv`; ties to the smaller C); tau then as above, from the same out-of-fold
+probabilities. Nothing is chosen on dev.
+
     python bench/callcenter.py [--sources ...] [--norm] [--skip-recognizer] [--skip-acoustic] [--recognizer-norm] [--json F]
-    python bench/callcenter.py --human [--sources ...] [--target-fa 0.10] [--aug-copies K] [--skip-recognizer] [--skip-acoustic] [--json F]
+    python bench/callcenter.py --human [--sources ...] [--target-fa 0.10] [--aug-copies K] [--select-c f1|separation] [--skip-recognizer] [--skip-acoustic] [--json F]
 """
 
 from __future__ import annotations
@@ -50,9 +55,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audio_encoders import EGEMAPS, Clip, FeatureBank, acc, clips, probe, probe_model, speaker_normalised  # noqa: E402
+from audio_encoders import C_GRID, EGEMAPS, Clip, FeatureBank, acc, clips, probe, probe_model, speaker_normalised  # noqa: E402
 from baselines import SEED  # noqa: E402
-from operating_point import alarm_share, negative_mass, pick_tau  # noqa: E402
+from operating_point import alarm_share, negative_mass, pick_c_by_separation, pick_tau, roc_auc  # noqa: E402
 
 from tracker.audio.channel import COPY_KEY, TELEPHONE_DEV_SEED, TelephoneChannel  # noqa: E402
 from tracker.audio.modalities import ModalityFeatures  # noqa: E402
@@ -101,6 +106,8 @@ class Probe:
     groups: np.ndarray  # ((1 + K) * clips,) actors
     norm: bool
     copies: int = 1  # K
+    oof: np.ndarray | None = None  # (N, 7) out-of-fold probabilities at C on the 4 train folds, if the C search made them
+    selection: dict | None = None  # --select-c separation: {C: {"auc", "weighted_f1"}} per C of the grid
 
     @property
     def is_copy(self) -> np.ndarray:
@@ -108,9 +115,57 @@ class Probe:
         return np.arange(len(self.y)) >= len(self.y) // (1 + self.copies)
 
 
-def fit_probe(sources: list[str], norm: bool, bank: FeatureBank | None = None, copies: int = 1) -> Probe:
+def cv_folds(X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The 4 actor-grouped train folds of the probe's C search (`baselines.grid_search`) and of `cv_taus`."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    return list(StratifiedGroupKFold(n_splits=4, shuffle=True, random_state=SEED).split(X, y, groups))
+
+
+def separation_cv(X: np.ndarray, y: np.ndarray, groups: np.ndarray, is_copy: np.ndarray,
+                  grid: list[float] | None = None) -> tuple[float, dict[float, dict], np.ndarray]:
+    """C chosen by how well the probe separates calm from upset telephone speech in train CV, not by 7-label F1.
+
+    For each C of `grid` (default: the probe's grid, `audio_encoders.C_GRID`), out-of-fold probabilities on the
+    folds of `cv_folds`; the criterion is the ROC AUC of P(negative) (summed probability of anger, disgust, fear,
+    sadness) for the calm (neutral) vs upset (negative-label) rows among the telephone copies (`is_copy`), pooled
+    over the folds. The highest AUC wins, ties to the smallest C (`pick_c_by_separation`). Returns (C, {C: {auc,
+    weighted_f1 (mean over folds, as grid_search), telephone_auc_recorded (the same AUC on the recordings)}},
+    (N, 7) the out-of-fold probabilities at the chosen C)."""
+    from sklearn.metrics import f1_score
+
+    grid = grid or [g["C"] for g in C_GRID]
+    classes = np.unique(y)
+    calm, upset = human_masks(y)
+    is_copy = np.asarray(is_copy, dtype=bool)
+    report, oof = {}, {}
+    folds = cv_folds(X, y, groups)
+    for C in grid:
+        proba, f1s = np.zeros((len(y), len(classes))), []
+        for tr, va in folds:
+            model = probe_model(C).fit(X[tr], y[tr])
+            proba[va] = model.predict_proba(X[va])  # columns: model.classes_ == classes (every label in every fold)
+            f1s.append(f1_score(y[va], classes[proba[va].argmax(1)], average="weighted", zero_division=0))
+        score = negative_mass(proba, classes, NEGATIVE_IDX)
+        report[C] = {"auc": roc_auc(score[upset & is_copy], score[calm & is_copy]),
+                     "auc_recorded": roc_auc(score[upset & ~is_copy], score[calm & ~is_copy]) if (~is_copy).any() else None,
+                     "weighted_f1": float(np.mean(f1s))}
+        oof[C] = proba
+    C = pick_c_by_separation({c: r["auc"] for c, r in report.items()})
+    return C, report, oof[C]
+
+
+SELECT_C = {"f1": "7-label weighted F1 (audio_encoders.probe)",
+            "separation": "ROC AUC of P(negative), calm vs upset train telephone copies"}
+
+
+def fit_probe(sources: list[str], norm: bool, bank: FeatureBank | None = None, copies: int = 1,
+              select_c: str = "f1") -> Probe:
     """The probe on RAVDESS train as recorded + `copies` telephone copies per clip (run seed 0: copy j drawn with
-    seed 1000 j), C by actor-grouped CV; each copy is speaker-normalised as its own session if `norm`."""
+    seed 1000 j), C by actor-grouped CV (`select_c`: on 7-label weighted F1, or on the calm-vs-upset separation
+    of the telephone copies, `separation_cv`); each copy is speaker-normalised as its own session if `norm`."""
+    if select_c not in SELECT_C:
+        raise ValueError(f"select_c: expected one of {sorted(SELECT_C)}, got {select_c!r}")
     train = clips("train")
     y = np.array([c.label for c in train])
     groups = np.array([c.speaker for c in train])
@@ -122,9 +177,17 @@ def fit_probe(sources: list[str], norm: bool, bank: FeatureBank | None = None, c
         n = len(train)
         X = np.concatenate([speaker_normalised(X[:n], train, mean, std, 0), speaker_normalised(X[n:], train, mean, std, 0)])
     yy, gg = np.tile(y, 1 + copies), np.tile(groups, 1 + copies)
+    what = f"acoustic probe{' (speaker-normalised)' if norm else ''}, {copies} telephone cop{'y' if copies == 1 else 'ies'} per clip"
+    if select_c == "separation":
+        is_copy = np.arange(len(yy)) >= len(train)
+        C, report, oof = separation_cv(X, yy, gg, is_copy)
+        model = probe_model(C).fit(X, yy)
+        print(f"{what}: C={C} by train-CV calm-vs-upset AUC on the telephone copies; per C: "
+              + "; ".join(f"C={c}: AUC tel {r['auc']:.4f} (rec {r['auc_recorded']:.4f}), weighted F1 {r['weighted_f1']:.3f}"
+                          for c, r in report.items()), flush=True)
+        return Probe(model, C, mean, std, X, yy, gg, norm, copies, oof=oof, selection=report)
     model, C, cv = probe(X, yy, gg)
-    print(f"acoustic probe{' (speaker-normalised)' if norm else ''}, {copies} telephone cop{'y' if copies == 1 else 'ies'} "
-          f"per clip: C={C} (train CV weighted F1 {cv:.3f})", flush=True)
+    print(f"{what}: C={C} (train CV weighted F1 {cv:.3f})", flush=True)
     return Probe(model, C, mean, std, X, yy, gg, norm, copies)
 
 
@@ -142,8 +205,8 @@ def probe_lines(p: Probe, lines: list[dict], Xc: np.ndarray) -> np.ndarray:
     return _in_line_order(Xc, who, p.mean, p.std)
 
 
-def acoustic_path(lines: list[dict], sources: list[str], norm: bool, copies: int = 1) -> list[str]:
-    p = fit_probe(sources, norm, copies=copies)
+def acoustic_path(lines: list[dict], sources: list[str], norm: bool, copies: int = 1, select_c: str = "f1") -> list[str]:
+    p = fit_probe(sources, norm, copies=copies, select_c=select_c)
     return [MELD7.labels[int(k)] for k in p.model.predict(probe_lines(p, lines, line_features(lines, sources)))]
 
 
@@ -214,8 +277,10 @@ def cv_taus(p: Probe, target: float) -> dict[str, dict]:
     false alarms and hits it gives on the recordings, the telephone copies and both."""
     from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 
-    folds = StratifiedGroupKFold(n_splits=4, shuffle=True, random_state=SEED)
-    proba = cross_val_predict(probe_model(p.C), p.X, p.y, groups=p.groups, cv=folds, method="predict_proba")  # (N, 7)
+    proba = p.oof  # (N, 7), from the separation C search: the same folds and C
+    if proba is None:
+        folds = StratifiedGroupKFold(n_splits=4, shuffle=True, random_state=SEED)
+        proba = cross_val_predict(probe_model(p.C), p.X, p.y, groups=p.groups, cv=folds, method="predict_proba")  # (N, 7)
     score = negative_mass(proba, range(len(MELD7.labels)), NEGATIVE_IDX)
     calm, upset = human_masks(p.y)
     copy = p.is_copy
@@ -291,13 +356,14 @@ def human_main(args) -> int:
     bank = FeatureBank(sources)
     copies = {"as recorded": bank.matrix(dev, None, sources),
               "telephone": bank.matrix(dev, (TELEPHONE_DEV_SEED, COPY_KEY), sources)}  # bench/audio_encoders.py's dev copy
-    rows, espeak_rows, taus, dev_oracle, accuracy = [], [], {}, {}, {}
+    rows, espeak_rows, taus, dev_oracle, accuracy, selections = [], [], {}, {}, {}, {}
     if not args.skip_acoustic:
         lines = voiced_lines()
         Xl = line_features(lines, args.sources)
         line_calm = np.array([ln["role"] == "agent" for ln in lines])
         for norm in (False, True):
-            p = fit_probe(args.sources, norm, bank, args.aug_copies)
+            p = fit_probe(args.sources, norm, bank, args.aug_copies, args.select_c)
+            selections["norm" if norm else "plain"] = {"C": p.C, "per_C": p.selection}
             picks = cv_taus(p, args.target_fa)
             taus["norm" if norm else "plain"] = picks
             for pick, rep in picks.items():
@@ -364,7 +430,8 @@ def human_main(args) -> int:
                 "negative = anger, disgust, fear or sadness; espeak rows: the call-center lines.")
         Path(args.json).write_text(json.dumps({"description": desc, "rows": rows, "espeak_rows": espeak_rows,
                                                "taus": taus, "dev_ceiling": dev_oracle, "dev_accuracy": accuracy,
-                                               "aug_copies": args.aug_copies, "sources": args.sources}, indent=2) + "\n")
+                                               "aug_copies": args.aug_copies, "sources": args.sources,
+                                               "select_c": args.select_c, "c_selection": selections}, indent=2) + "\n")
     return 0
 
 
@@ -382,6 +449,9 @@ def main() -> int:
                     help="--human: the operating point's false-alarm target on train-CV calm clips")
     ap.add_argument("--aug-copies", type=int, default=1,
                     help="telephone copies per RAVDESS train clip for the probe (copy j: seed 1000 j; default 1)")
+    ap.add_argument("--select-c", choices=sorted(SELECT_C), default="f1",
+                    help="how train CV picks the probe's C: f1 = 7-label weighted F1 (default); separation = ROC AUC of "
+                         "P(negative) for calm vs upset clips on the train telephone copies (same folds and C grid)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
     if args.human:
@@ -391,7 +461,7 @@ def main() -> int:
     rows = []
     if not args.skip_acoustic:
         rows.append((f"acoustic path: probe on {' + '.join(args.sources)}{' + speaker norm' if args.norm else ''}",
-                     acoustic_path(lines, args.sources, args.norm, args.aug_copies)))
+                     acoustic_path(lines, args.sources, args.norm, args.aug_copies, args.select_c)))
     if not args.skip_recognizer:
         text_audio, audio_only, encoders = full_recognizer(lines)
         rows += [("shipped recognizer (tracker/assets/model), text + audio", text_audio),

@@ -45,3 +45,27 @@ def pick_tau(calm_scores: np.ndarray, target: float) -> float:
         raise ValueError(f"pick_tau: target must be in [0, 1), got {target!r}")
     k = int(np.floor(target * s.size + 1e-9))  # 1e-9: 0.29 * 100 is 28.999...; k < n since target < 1
     return float(np.nextafter(s[k], np.inf))
+
+
+def roc_auc(upset_scores: np.ndarray, calm_scores: np.ndarray) -> float:
+    """ROC AUC of a score that should be higher on upset clips than on calm ones: the share of (upset, calm)
+    pairs the score orders correctly, a tie counting one half (Mann-Whitney U / (n_upset * n_calm))."""
+    u = np.asarray(upset_scores, dtype=np.float64).reshape(-1)
+    c = np.asarray(calm_scores, dtype=np.float64).reshape(-1)
+    if u.size == 0 or c.size == 0:
+        raise ValueError(f"roc_auc: need upset and calm scores, got {u.size} upset and {c.size} calm")
+    cs = np.sort(c)
+    below = np.searchsorted(cs, u, side="left")  # calm scores strictly below each upset score
+    ties = np.searchsorted(cs, u, side="right") - below
+    return float((below.sum() + 0.5 * ties.sum()) / (u.size * c.size))
+
+
+def pick_c_by_separation(aucs: dict[float, float]) -> float:
+    """The C with the highest AUC in `aucs` ({C: AUC}); AUCs within 1e-9 of the best count as a tie, which goes
+    to the smallest C (the strongest regularisation: the simpler model when the data cannot tell them apart)."""
+    if not aucs:
+        raise ValueError("pick_c_by_separation: no C to choose from")
+    if any(not np.isfinite(a) for a in aucs.values()):
+        raise ValueError(f"pick_c_by_separation: non-finite AUC in {aucs!r}")
+    best = max(aucs.values())
+    return float(min(c for c, a in aucs.items() if a >= best - 1e-9))

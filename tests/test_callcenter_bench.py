@@ -147,3 +147,49 @@ def test_probe_marks_the_rows_of_k_copies():
     y = np.tile(np.arange(5), 4)  # 5 clips, as recorded + 3 copies
     p = cc.Probe(None, 0.01, np.zeros(1), np.ones(1), np.zeros((20, 1)), y, y, False, copies=3)
     assert p.is_copy.tolist() == [False] * 5 + [True] * 15
+
+
+# ------------------------------------------------------------- C chosen by calm-vs-upset separation (fast)
+def test_roc_auc_counts_ordered_pairs_and_half_ties():
+    assert op.roc_auc([0.9, 0.8], [0.1, 0.2]) == 1.0
+    assert op.roc_auc([0.1], [0.9]) == 0.0
+    assert op.roc_auc([0.5, 0.9], [0.5, 0.1]) == (0.5 + 1 + 1 + 1) / 4  # one tied pair counts one half
+    rng = np.random.default_rng(0)
+    u, c = rng.random(30), rng.random(20)
+    from sklearn.metrics import roc_auc_score
+
+    assert op.roc_auc(u, c) == pytest.approx(roc_auc_score(np.r_[np.ones(30), np.zeros(20)], np.r_[u, c]))
+    with pytest.raises(ValueError, match="upset and calm"):
+        op.roc_auc([], [0.1])
+
+
+def test_pick_c_by_separation_takes_the_best_auc_and_ties_to_the_smallest_c():
+    assert op.pick_c_by_separation({0.001: 0.90, 0.01: 0.95, 0.1: 0.93}) == 0.01
+    assert op.pick_c_by_separation({0.1: 0.95, 0.01: 0.95, 0.001: 0.90}) == 0.01  # tie: stronger regularisation
+    assert op.pick_c_by_separation({0.1: 0.95, 0.001: 0.95 - 1e-12}) == 0.001  # within 1e-9 is a tie
+    with pytest.raises(ValueError, match="no C"):
+        op.pick_c_by_separation({})
+    with pytest.raises(ValueError, match="non-finite"):
+        op.pick_c_by_separation({0.1: float("nan")})
+
+
+def test_separation_cv_scores_each_c_on_the_telephone_rows_and_returns_the_chosen_oof():
+    cc = _load("callcenter")
+    rng = np.random.default_rng(0)
+    n = 8 * 7 * 2  # 8 actors x 7 labels x 2 clips, as recorded, then one "telephone" copy
+    y = np.tile(np.repeat(np.arange(7), 2), 8)
+    groups = np.repeat([f"actor_{i}" for i in range(8)], 14)
+    upset = np.isin(y, cc.NEGATIVE_IDX).astype(float)
+    rec = rng.normal(size=(n, 6)) + 2.0 * upset[:, None] * np.array([1, 0, 0, 0, 0, 0])
+    tel = rec + rng.normal(scale=3.0, size=rec.shape)  # a noisy copy: separation must be read on these rows
+    X, yy, gg = np.concatenate([rec, tel]), np.tile(y, 2), np.tile(groups, 2)
+    is_copy = np.arange(2 * n) >= n
+    C, report, oof = cc.separation_cv(X, yy, gg, is_copy, grid=[0.001, 0.1, 10.0])
+    assert set(report) == {0.001, 0.1, 10.0} and oof.shape == (2 * n, 7)
+    assert C == op.pick_c_by_separation({c: r["auc"] for c, r in report.items()})
+    score = op.negative_mass(oof, range(7), cc.NEGATIVE_IDX)
+    calm, up = cc.human_masks(yy)
+    assert report[C]["auc"] == pytest.approx(op.roc_auc(score[up & is_copy], score[calm & is_copy]))
+    assert report[C]["auc_recorded"] > report[C]["auc"]  # the clean rows separate better than the noisy copies
+    folds = cc.cv_folds(X, yy, gg)  # actor-grouped: no actor on both sides of a fold
+    assert len(folds) == 4 and all(not set(gg[tr]) & set(gg[va]) for tr, va in folds)
