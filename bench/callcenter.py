@@ -275,12 +275,11 @@ def cv_taus(p: Probe, target: float) -> dict[str, dict]:
     """tau from out-of-fold probabilities on RAVDESS train (the folds of the probe's C search: 4, actor-grouped):
     per pick of `TAU_PICKS`, the smallest that alarms at most `target` of those calm clips; with the train-CV
     false alarms and hits it gives on the recordings, the telephone copies and both."""
-    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+    from sklearn.model_selection import cross_val_predict
 
     proba = p.oof  # (N, 7), from the separation C search: the same folds and C
     if proba is None:
-        folds = StratifiedGroupKFold(n_splits=4, shuffle=True, random_state=SEED)
-        proba = cross_val_predict(probe_model(p.C), p.X, p.y, groups=p.groups, cv=folds, method="predict_proba")  # (N, 7)
+        proba = cross_val_predict(probe_model(p.C), p.X, p.y, cv=cv_folds(p.X, p.y, p.groups), method="predict_proba")  # (N, 7)
     score = negative_mass(proba, range(len(MELD7.labels)), NEGATIVE_IDX)
     calm, upset = human_masks(p.y)
     copy = p.is_copy

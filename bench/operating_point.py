@@ -4,7 +4,7 @@ A recognizer that labels each clip by its most probable label raises an alarm wh
 negative. An operating point instead alarms when the *summed* probability of the negative labels
 reaches a threshold tau; :func:`pick_tau` chooses the smallest tau that keeps the share of calm
 clips alarmed at or below a target on the set it is given (in bench/callcenter.py: out-of-fold
-probabilities of actor-grouped CV on RAVDESS train, never dev). Pure numpy, so tests need no data.
+probabilities of actor-grouped CV on RAVDESS train, never dev). numpy and sklearn only, so tests need no data.
 """
 
 from __future__ import annotations
@@ -48,16 +48,15 @@ def pick_tau(calm_scores: np.ndarray, target: float) -> float:
 
 
 def roc_auc(upset_scores: np.ndarray, calm_scores: np.ndarray) -> float:
-    """ROC AUC of a score that should be higher on upset clips than on calm ones: the share of (upset, calm)
-    pairs the score orders correctly, a tie counting one half (Mann-Whitney U / (n_upset * n_calm))."""
+    """ROC AUC of a score that should be higher on upset clips than on calm ones (sklearn's, a tie counting
+    one half): the share of (upset, calm) pairs the score orders correctly."""
+    from sklearn.metrics import roc_auc_score
+
     u = np.asarray(upset_scores, dtype=np.float64).reshape(-1)
     c = np.asarray(calm_scores, dtype=np.float64).reshape(-1)
     if u.size == 0 or c.size == 0:
         raise ValueError(f"roc_auc: need upset and calm scores, got {u.size} upset and {c.size} calm")
-    cs = np.sort(c)
-    below = np.searchsorted(cs, u, side="left")  # calm scores strictly below each upset score
-    ties = np.searchsorted(cs, u, side="right") - below
-    return float((below.sum() + 0.5 * ties.sum()) / (u.size * c.size))
+    return float(roc_auc_score(np.r_[np.ones(u.size), np.zeros(c.size)], np.r_[u, c]))
 
 
 def pick_c_by_separation(aucs: dict[float, float]) -> float:

@@ -147,7 +147,7 @@ STAGES = {"server_final_s": "tracker_final_latency_seconds", "features_s": "trac
           "model_batch_s": "tracker_model_seconds{stage=label}"}
 
 
-def stage_sums(svc) -> dict[str, float]:
+def stage_sums(svc) -> dict[str, tuple[float, float]]:
     """The service's own histograms (services/metrics.py), sums and counts so far; {} where not exported."""
     from services.metrics import scrape
 
@@ -165,7 +165,7 @@ def stage_sums(svc) -> dict[str, float]:
     return out
 
 
-def stage_means(after: dict, before: dict) -> dict[str, float]:
+def stage_means(after: dict[str, tuple[float, float]], before: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Per-stage means between two scrapes: server-side release-to-sent latency, feature seconds per
     utterance, model seconds per batch; and the number of model batches."""
     out = {}
