@@ -3,7 +3,7 @@
 `tracker.audio.hearing.Hearing` answers one request per utterance with both the acoustic features
 (each source on the utterance's real length) and the transcript (Whisper on the padded 30 s
 window). This measures the two parts on the bundled demo call's utterances, as recorded (16 kHz)
-and at 8 kHz, single requests and batches of 8 (as ``@serve.batch`` gathers them across calls).
+and at 8 kHz, single requests and batches of 8 (as the service batches them across calls).
 
     nice -n 5 python bench/hearing_cost.py --sources egemaps_functionals whisper_base_l4_meanstd whisper_tiny.en_l2_meanstd
 """

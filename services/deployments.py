@@ -18,6 +18,7 @@ from ray import serve
 
 from services import metrics
 from services.config import AppConfig, load_app_config
+from tracker.stream.batching import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ class FeatureExtractor:
             log.info("speech recognition off: %s", why)
         self.hearing = Hearing(served_modalities(self.config), self.config.features, speech.asr_config() if on else None)
         self.features = self.hearing.features
-        self._hear_batch.set_max_batch_size(speech.max_batch_size)
-        self._hear_batch.set_batch_wait_timeout_s(speech.batch_wait_timeout_s)
+        self._hearer = Batcher(self._hear_batch, speech.max_batch_size, speech.batch_wait_timeout_s)
 
     def info(self) -> dict[str, Any]:
         return self.hearing.info()
@@ -57,9 +57,8 @@ class FeatureExtractor:
         """One utterance's features and transcript (tracker.audio.hearing.Hearing.hear), batched across calls."""
         from tracker.audio.hearing import HearRequest
 
-        return await self._hear_batch(HearRequest(pcm, sample_rate, transcribe=self.hearing.asr))
+        return await self._hearer.submit(HearRequest(pcm, sample_rate, transcribe=self.hearing.asr))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _hear_batch(self, requests: list) -> list[dict[str, Any]]:
         # one recognizer batch: the features and transcripts of every utterance in it
         t0 = time.perf_counter()
@@ -104,7 +103,8 @@ def load_serving_recognizer(config: AppConfig):
 
 @serve.deployment
 class EmotionModel:
-    """Adapter + frozen LLM behind `@serve.batch`: concurrent utterances share one forward pass.
+    """Adapter + frozen LLM behind a tracker.stream.batching.Batcher: concurrent utterances share one
+    forward pass, and everything that arrived while a forward ran goes into the next.
 
     Each conversation's calls carry ``conversation_id`` so that services.routing sends them to the
     replica that holds its prefix cache (tracker.stream.pipeline.ModelLabeler).
@@ -117,10 +117,7 @@ class EmotionModel:
         self.config = load_app_config(args)
         m = self.config.model
         self.recognizer = load_serving_recognizer(self.config)
-        self._label_batch.set_max_batch_size(m.max_batch_size)
-        self._label_batch.set_batch_wait_timeout_s(m.batch_wait_timeout_s)
-        self.batches = 0
-        self.items = 0
+        self._batcher = Batcher(self._label_batch, m.max_batch_size, m.batch_wait_timeout_s)
         self.in_flight = 0  # utterances this replica accepted and has not answered (waiting for a batch or in one)
         self.model = ModelLabeler(self.recognizer, incremental=m.incremental, kv_cache_bytes=m.kv_cache_mb << 20,
                                   cache_idle_s=m.kv_cache_idle_s)
@@ -136,7 +133,7 @@ class EmotionModel:
                 "context_turns": rec.config.prompt.context_turns,
                 "context_min_turns": rec.config.prompt.context_min_turns, "modalities": rec.modality_names,
                 "speaker_norm": [m.name for m in rec.config.adapter.modalities if m.speaker_norm],
-                "batches": self.batches, "items": self.items, "in_flight": self.in_flight,
+                "batches": self._batcher.batches, "items": self._batcher.items, "in_flight": self.in_flight,
                 "incremental": self.labeler is not None, "kv_cache": self.model.cache_info(), "pid": os.getpid()}
 
     def speaker_normalizers(self) -> dict[str, Any]:
@@ -148,8 +145,8 @@ class EmotionModel:
         """Retune this replica's batching while it serves (a new replica starts with the configured values)."""
         if max_batch_size < 1 or batch_wait_timeout_s < 0:
             raise ValueError("max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
-        self._label_batch.set_max_batch_size(max_batch_size)
-        self._label_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batcher.max_batch_size = max_batch_size
+        self._batcher.wait_s = batch_wait_timeout_s
 
     def forget(self, conversation_id: str) -> None:
         """Drop an ended conversation's prefix cache (a later utterance would rebuild it)."""
@@ -161,15 +158,12 @@ class EmotionModel:
         self.in_flight += 1
         metrics.set_gauge("tracker_queue_depth", self.in_flight, stage="model")
         try:
-            return await self._label_batch((conversation_id, utterance))
+            return await self._batcher.submit((conversation_id, utterance))
         finally:
             self.in_flight -= 1
             metrics.set_gauge("tracker_queue_depth", self.in_flight, stage="model")
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _label_batch(self, items: list[tuple[str | None, Any]]) -> list[dict[str, Any]]:
-        self.batches += 1
-        self.items += len(items)
         metrics.observe("tracker_model_batch_size", len(items))
         with metrics.timed("tracker_model_seconds", stage="label"):
             out = await asyncio.to_thread(self.model.label, items)

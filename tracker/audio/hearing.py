@@ -3,7 +3,7 @@
 A live call's segments that arrive without a client transcript need both the served model's
 acoustic features (``tracker.audio.modalities``) and a transcript (``tracker.audio.asr``).
 :class:`Hearing` answers a *batch* of such requests (the FeatureExtractor deployment gathers them
-across conversations with ``@serve.batch``): features item by item (each is one cheap pass over
+across conversations by a tracker.stream.batching.Batcher): features item by item (each is one cheap pass over
 the utterance's real length), transcripts in one batched recognizer call (the 30 s-window encoder
 and the decoder dominate: see docs/speech.md, "Cost in the service").
 

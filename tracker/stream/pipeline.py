@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from tracker.stream import protocol as P
+from tracker.stream.batching import Batcher
 from tracker.types import Turn, UtteranceInput
 
 if TYPE_CHECKING:  # torch behind these: imported by whoever builds a LocalPipeline
@@ -185,41 +186,6 @@ class ModelLabeler:
         return {"conversations": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes, **cache.stats.to_dict()}
 
 
-@dataclass
-class _Batcher:
-    """Gathers concurrent `label` calls into one forward (what `@serve.batch` does in the service)."""
-
-    labeler: ModelLabeler
-    max_batch_size: int = 8
-    wait_s: float = 0.005
-    _queue: list[tuple[str | None, UtteranceInput, asyncio.Future]] = field(default_factory=list)
-    _task: asyncio.Task | None = None
-    batches: int = 0
-
-    async def label(self, key: str | None, utterance: UtteranceInput) -> dict[str, Any]:
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append((key, utterance, fut))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        await asyncio.sleep(self.wait_s)
-        while self._queue:
-            batch, self._queue = self._queue[: self.max_batch_size], self._queue[self.max_batch_size:]
-            self.batches += 1
-            try:
-                out = await asyncio.to_thread(self.labeler.label, [(k, u) for k, u, _ in batch])
-            except Exception as exc:
-                for *_, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (*_, fut), pred in zip(batch, out):
-                if not fut.done():
-                    fut.set_result(pred)
-
-
 class LocalPipeline:
     """The pipeline in this process: recognizer, async store and feature extractor, no Ray.
 
@@ -245,7 +211,7 @@ class LocalPipeline:
         self.store = store
         self.extractor = features if features is not None and features.names else None
         self.labeler = labeler or ModelLabeler(recognizer, incremental=incremental)
-        self._batcher = _Batcher(self.labeler, max_batch_size)
+        self._batcher = Batcher(self._label_batch, max_batch_size, wait_s=0.005)
         prompt = recognizer.config.prompt
         self.max_turns, self.min_turns = int(prompt.context_turns), prompt.context_min_turns  # bound once
         self.max_conversations = max_conversations
@@ -283,7 +249,10 @@ class LocalPipeline:
         return await asyncio.to_thread(self.extractor.from_signal, pcm16_to_numpy(pcm), sample_rate)
 
     async def label(self, conversation_id: str, utterance: UtteranceInput) -> dict[str, Any]:
-        return await self._batcher.label(self._key(conversation_id), utterance)
+        return await self._batcher.submit((self._key(conversation_id), utterance))
+
+    async def _label_batch(self, items: list[tuple[str, UtteranceInput]]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.labeler.label, items)
 
     async def commit(self, conversation_id: str, record: dict[str, Any], norm: "NormWrite | None" = None) -> dict[str, Any]:
         from tracker.context.speaker_norm import add_after_conflict
