@@ -16,15 +16,16 @@ every other utterance reached the replica holding its conversation's cache. hits
 Where the time goes: the CPU seconds each process of the service spent during a run (psutil, by role:
 Ingress, Serve proxy, FeatureExtractor, EmotionModel, ...) per labelled utterance, and the service's
 own histograms (services/metrics.py) as means: release-to-sent latency on the server, feature
-seconds per utterance, model seconds per batch. ``--stagger`` spreads the calls' starts over one
-call's length (a floor of agents); by default all N start together (copies of two recordings, so
-their utterances end in bursts: the worst case).
+seconds per utterance, model seconds per batch. ``--stagger`` spreads the calls' starts evenly over
+one call's length and ``--random-starts`` starts each at a random moment of it (seed 0; independent
+calls on a floor, some of whose utterances still end together); by default all N start together
+(copies of two recordings, so their utterances end in bursts: the worst case).
 
 "Before" is another commit (``--before moves``) checked out into a temporary git worktree and run
 in the same bench run with the same script (PYTHONPATH puts its code first, in Ray's workers too).
 
 Usage: python bench/stream_latency.py [--n 1 4 16 32] [--before moves] [--replicas 1 2] [--checkpoint DIR]
-       [--feature-replicas 2] [--stagger] [--asr on [--no-transcripts]]
+       [--feature-replicas 2] [--stagger | --random-starts] [--asr on [--no-transcripts]]
 """
 
 from __future__ import annotations
@@ -200,15 +201,20 @@ async def one_call(url: str, rec, truth: list[dict], speed: float, lat: list[flo
     return len(out.results)
 
 
-async def run_n(url: str, recs: list, n: int, speed: float, stagger: bool = False,
-                frame_ms: int | None = None) -> tuple[list[float], int, float]:
-    """N calls at once. `stagger`: call i starts i/N of a call's length after the first, as calls on a floor
-    do, instead of all N (copies of two recordings) starting together, whose utterances then end in bursts."""
+async def run_n(url: str, recs: list, n: int, speed: float, starts: str = "together",
+                frame_ms: int | None = None, seed: int = 0) -> tuple[list[float], int, float]:
+    """N calls at once. `starts`: "together" (all N, copies of two recordings, start at the same instant,
+    so their utterances end in bursts: the worst case), "even" (call i starts i/N of a call's length after
+    the first) or "random" (each call starts at a uniformly random moment of one call's length, seeded:
+    calls on a floor start independently, so some utterances still end together)."""
     lat: list[float] = []
     period = max(len(rec.samples) / rec.sample_rate for rec, _ in recs) / speed
+    rng = np.random.default_rng(seed)
+    offsets = {"together": [0.0] * n, "even": [period * i / n for i in range(n)],
+               "random": sorted(rng.uniform(0.0, period, size=n).tolist())}[starts]
 
     async def delayed(i: int) -> int:
-        await asyncio.sleep(period * i / n if stagger else 0.0)
+        await asyncio.sleep(offsets[i])
         return await one_call(url, *recs[i % len(recs)], speed, lat, frame_ms)
 
     t0 = time.perf_counter()
@@ -310,7 +316,7 @@ def child(args: argparse.Namespace) -> dict:
             print(json.dumps({"progress": per_call, "kind": "per_call"}), flush=True)
             for n in args.n:
                 c0, cpu0, st0 = settled_counters(), cpu_seconds(), stage_sums(svc)
-                lat, count, secs = asyncio.run(run_n(url, recs, n, args.speed, args.stagger, args.frame_ms))
+                lat, count, secs = asyncio.run(run_n(url, recs, n, args.speed, args.starts, args.frame_ms))
                 cpu = cpu_delta(cpu_seconds(), cpu0)
                 d = delta(settled_counters(), c0)
                 time.sleep(11)  # Ray's metrics agent exports every few seconds
@@ -357,7 +363,7 @@ def run_version(label: str, code_dir: Path, args: argparse.Namespace) -> dict:
            *map(str, args.replicas), "--checkpoint", args.checkpoint, "--speed", str(args.speed),
            "--max-batch-size", str(args.max_batch_size), "--cache-calls", str(args.cache_calls),
            "--cache-turns", str(args.cache_turns), "--asr", args.asr, "--feature-replicas", str(args.feature_replicas),
-           *(["--stagger"] if args.stagger else []), *(["--no-transcripts"] if args.no_transcripts else []),
+           *(["--stagger"] if args.starts == "even" else ["--random-starts"] if args.starts == "random" else []), *(["--no-transcripts"] if args.no_transcripts else []),
            *(["--frame-ms", str(args.frame_ms)] if args.frame_ms else [])]
     print(f"== {label}: {code_dir} ({git_rev(code_dir)})", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=code_dir, capture_output=True, text=True)
@@ -402,8 +408,10 @@ def main() -> None:
                     help="stream the calls' audio only, so that speech recognition (--asr on) transcribes every utterance")
     ap.add_argument("--frame-ms", type=int, default=None,
                     help="audio per binary frame the calls send (default: the bundled client's, 100 ms)")
-    ap.add_argument("--stagger", action="store_true",
-                    help="spread the calls' starts over one call's length (default: all start together, the worst case)")
+    ap.add_argument("--stagger", dest="starts", action="store_const", const="even", default="together",
+                    help="spread the calls' starts evenly over one call's length (default: all start together, the worst case)")
+    ap.add_argument("--random-starts", dest="starts", action="store_const", const="random",
+                    help="start each call at a random moment of one call's length (seed 0), as independent calls do")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--cache-calls", type=int, default=16)
     ap.add_argument("--cache-turns", type=int, default=30)
