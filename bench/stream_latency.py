@@ -25,7 +25,7 @@ calls on a floor, some of whose utterances still end together); by default all N
 in the same bench run with the same script (PYTHONPATH puts its code first, in Ray's workers too).
 
 Usage: python bench/stream_latency.py [--n 1 4 16 32] [--before moves] [--replicas 1 2] [--checkpoint DIR]
-       [--feature-replicas 2] [--stagger | --random-starts] [--asr on [--no-transcripts]]
+       [--feature-replicas 2] [--stagger | --random-starts] [--asr on [--no-transcripts]] [--transport haproxy]
 """
 
 from __future__ import annotations
@@ -72,13 +72,20 @@ def free_port() -> int:
 
 # ------------------------------------------------------------------ counting (see bench/counting)
 
-def start_service(args: dict):
+def start_service(args: dict, transport: str = "serve"):
     """A LocalService on a free port (another process on this shared machine may take the port first: retry)."""
+    import dataclasses
+
     from services.runner import LocalService
 
+    kw = {}
+    if "transport" in {f.name for f in dataclasses.fields(LocalService)}:
+        kw["transport"] = transport
+    elif transport == "haproxy":  # a commit from before the option: what it sets, by hand
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="1")
     for attempt in range(3):
         try:
-            return LocalService(port=free_port(), args=args).start()
+            return LocalService(port=free_port(), args=args, **kw).start()
         except Exception as exc:
             if attempt == 2 or "bind" not in str(exc):
                 raise
@@ -128,7 +135,9 @@ def _role(is_me: bool, cmd: str) -> str:
         return "bench driver + senders"
     if "ServeReplica:" in cmd:
         return cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1].split(".")[0]
-    for key, role in (("ServeController", "Serve controller"), ("ProxyActor", "Serve proxy"), ("redis-server", "redis-server"),
+    for key, role in (("ServeController", "Serve controller"), ("ProxyActor", "Serve proxy"),
+                      ("HAProxyManager", "HAProxy (manager + haproxy)"), ("haproxy", "HAProxy (manager + haproxy)"),
+                      ("redis-server", "redis-server"),
                       ("raylet", "Ray raylet"), ("gcs_server", "Ray GCS"), ("dashboard", "Ray dashboard/agents"),
                       ("agent", "Ray dashboard/agents"), ("log_monitor", "Ray dashboard/agents")):
         if key in cmd:
@@ -305,7 +314,7 @@ def child(args: argparse.Namespace) -> dict:
             svc_args["asr"] = args.asr
         if args.feature_replicas > 1:
             svc_args["deployments"]["feature_extractor"] = {"num_replicas": args.feature_replicas, "num_cpus": 0.2}
-        with start_service(svc_args) as svc:
+        with start_service(svc_args, args.transport) as svc:
             url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url  # the local API key
             asyncio.run(run_n(url, recs, 1, 8.0))  # warm-up
             time.sleep(11)  # ... and its metrics exported before the first scrape
@@ -338,7 +347,7 @@ def child(args: argparse.Namespace) -> dict:
                         "deployments": {"emotion_model": {"num_replicas": r, "num_cpus": 0.5, "max_ongoing_requests": 32},
                                         "ingress": {"num_cpus": 0.1}, "feature_extractor": {"num_cpus": 0.1},
                                         "context_aggregator": {"num_cpus": 0.1}}}
-            with start_service(svc_args) as svc:
+            with start_service(svc_args, args.transport) as svc:
                 url = f"{svc.ws_url}?token={svc.api_key}" if svc.api_key else svc.ws_url
                 before = model_stats()
                 got = asyncio.run(text_conversations(url, args.cache_calls, args.cache_turns))
@@ -364,7 +373,7 @@ def run_version(label: str, code_dir: Path, args: argparse.Namespace) -> dict:
            "--max-batch-size", str(args.max_batch_size), "--cache-calls", str(args.cache_calls),
            "--cache-turns", str(args.cache_turns), "--asr", args.asr, "--feature-replicas", str(args.feature_replicas),
            *(["--stagger"] if args.starts == "even" else ["--random-starts"] if args.starts == "random" else []), *(["--no-transcripts"] if args.no_transcripts else []),
-           *(["--frame-ms", str(args.frame_ms)] if args.frame_ms else [])]
+           *(["--frame-ms", str(args.frame_ms)] if args.frame_ms else []), "--transport", args.transport]
     print(f"== {label}: {code_dir} ({git_rev(code_dir)})", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=code_dir, capture_output=True, text=True)
     result: dict = {"latency": [], "cache": []}
@@ -412,6 +421,8 @@ def main() -> None:
                     help="spread the calls' starts evenly over one call's length (default: all start together, the worst case)")
     ap.add_argument("--random-starts", dest="starts", action="store_const", const="random",
                     help="start each call at a random moment of one call's length (seed 0), as independent calls do")
+    ap.add_argument("--transport", choices=["serve", "haproxy"], default="serve",
+                    help="how the calls' WebSockets reach the ingress (services.runner.LocalService.transport)")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--cache-calls", type=int, default=16)
     ap.add_argument("--cache-turns", type=int, default=30)

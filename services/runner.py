@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from tracker.ray_env import RAY_ENV
+from tracker.ray_env import RAY_ENV, TRANSPORT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class LocalService:
     # Prometheus scrape port of Ray's metrics agent (services/metrics.py, docs/operations.md); None = a
     # free port Ray picks (see `metrics_url` once started). Only used when this object starts Ray.
     metrics_port: int | None = None
+    # "serve": every WebSocket message crosses Ray Serve's Python proxy; "haproxy": HAProxy forwards the
+    # connection to the Ingress replica's own server (tracker.ray_env.TRANSPORT_ENV). Only used when this
+    # object starts Ray; a cluster's transport is set when its nodes start.
+    transport: str = "serve"
     _redis: Any = None
     _ray_started: bool = False
     _running: bool = False
@@ -99,6 +103,8 @@ class LocalService:
             raise
 
     def _start(self, timeout_s: float) -> "LocalService":
+        if self.transport not in TRANSPORT_ENV:
+            raise ValueError(f"transport: one of {sorted(TRANSPORT_ENV)}, got {self.transport!r}")
         for k, v in RAY_ENV.items():
             os.environ.setdefault(k, v)
         import ray
@@ -116,6 +122,9 @@ class LocalService:
             self.args = {**self.args, "redis_url": self._redis.url}
         self._ensure_key()
         if not ray.is_initialized():
+            for k in {k for env in TRANSPORT_ENV.values() for k in env}:
+                os.environ.pop(k, None)  # Ray's processes inherit this environment: only the chosen transport
+            os.environ.update(TRANSPORT_ENV[self.transport])
             keep = signal.getsignal(signal.SIGTERM)
             extra = {"_metrics_export_port": self.metrics_port} if self.metrics_port else {}
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING,

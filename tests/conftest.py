@@ -93,7 +93,8 @@ def redis_url(redis_server) -> str:
 
 
 def start_test_service(checkpoint, extra_args: dict | None = None, *, limits: dict | None = None,
-                       redis_url: str | None = None, metrics_port: int | None = None, **model_overrides):
+                       redis_url: str | None = None, metrics_port: int | None = None, transport: str = "serve",
+                       **model_overrides):
     """The real service (Ray Serve + embedded Redis) on a free loopback port, sized for 2 test cores.
 
     Authentication is on, as in production: the service's local key is ``svc.api_key`` (tenant
@@ -113,7 +114,8 @@ def start_test_service(checkpoint, extra_args: dict | None = None, *, limits: di
         args["limits"] = limits
     if redis_url:
         args["redis_url"] = redis_url
-    return LocalService(port=free_port(), args=args, num_cpus=2, metrics_port=metrics_port).start(timeout_s=240)
+    return LocalService(port=free_port(), args=args, num_cpus=2, metrics_port=metrics_port,
+                        transport=transport).start(timeout_s=240)
 
 
 def save_tiny_checkpoint(backbone, path, seed: int = 0):

@@ -12,3 +12,14 @@ RAY_ENV = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
 }
+
+# `--transport haproxy`: Ray Serve's HAProxy ingress in front of ingress replicas that serve HTTP and
+# WebSockets themselves (direct ingress). Every WebSocket message then goes client -> HAProxy -> the
+# Ingress replica's own server, instead of through the Python Serve proxy and one Ray call per message
+# into the replica: about 0.1 instead of 0.9 ms of CPU per message (BENCHMARKS.md, "Transport"). Set
+# before Ray starts (on every `ray start` of a cluster). HAProxy also opens a Prometheus port (9101)
+# and a stats page (8404) on all interfaces, which Ray 2.60 does not let us bind to loopback.
+TRANSPORT_ENV = {
+    "serve": {},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+}

@@ -291,6 +291,10 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="port where Prometheus scrapes the service's metrics (Ray's metrics export port, "
                         "http://HOST:PORT/metrics; default: a free port, printed at start; docs/operations.md)")
+    p.add_argument("--transport", choices=["serve", "haproxy"], default="serve",
+                   help="how WebSocket and HTTP traffic reaches the app: 'serve' (Ray Serve's proxy, every listener on "
+                        "loopback) or 'haproxy' (HAProxy straight to the ingress replica: about a third less CPU per "
+                        "utterance; also opens HAProxy's metrics and stats ports on all interfaces; docs/deploy.md)")
     p.add_argument("--ephemeral", action="store_true",
                    help="the embedded Redis keeps nothing: history and API keys are gone when the service stops "
                         "(default: kept in the cache directory with Redis's append-only file)")
@@ -314,6 +318,7 @@ def _start_service(args: argparse.Namespace):
     service.api_key = read_state().get("api_key")
     if getattr(args, "metrics_port", None):
         service.metrics_port = args.metrics_port
+    service.transport = getattr(args, "transport", None) or "serve"
     if not getattr(args, "ephemeral", False):
         service.redis_dir, service.key_file = redis_data_dir(), key_path()
     service.start()
