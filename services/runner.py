@@ -175,6 +175,9 @@ class LocalService:
         from ray import serve
 
         self._running = False
+        # HAProxy (--transport haproxy) runs as a child of a Serve actor; when the controller does not stop
+        # it in time, ray.shutdown kills the actor and the orphan keeps the service port: stop it ourselves
+        haproxies = _haproxy_processes() if self._ray_started else []
         try:
             with _console_to(_shutdown_log()):  # Ray reports the actors it kills on the way down: not for the user
                 try:
@@ -185,6 +188,7 @@ class LocalService:
                         ray.shutdown()
                         self._ray_started = False
         finally:
+            _terminate(haproxies)
             if self._redis is not None:
                 self._redis.stop()  # SIGTERM: the AOF is fsynced before it exits
                 self._redis = None
@@ -235,6 +239,40 @@ def _console_to(path: str) -> Iterator[None]:
         os.dup2(saved[1], 2)
         for fd in (*saved, target):
             os.close(fd)
+
+
+def _haproxy_processes() -> list[Any]:
+    """The haproxy processes under this one (psutil.Process objects)."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.name() == "haproxy":
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _terminate(procs: list[Any], timeout_s: float = 10.0) -> None:
+    """SIGTERM the processes still running, SIGKILL those that outlive `timeout_s`."""
+    import psutil
+
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running():  # also false if the pid now belongs to another process
+                p.terminate()
+                alive.append(p)
+        except psutil.Error:
+            pass
+    _, left = psutil.wait_procs(alive, timeout=timeout_s)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 def _read_secret(path: Path) -> str | None:

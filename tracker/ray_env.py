@@ -21,5 +21,9 @@ RAY_ENV = {
 # and a stats page (8404) on all interfaces, which Ray 2.60 does not let us bind to loopback.
 TRANSPORT_ENV = {
     "serve": {},
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                # a stopping ingress replica stays open this long so that load balancers stop sending to it
+                # (Ray's default 30 s, which made every stop take over 30 s); HAProxy, the balancer here,
+                # health-checks every 250 ms once a server fails and retries refused connections elsewhere
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"},
 }
