@@ -76,13 +76,15 @@ class IncrementalLabeler:
         if not requests:
             return out
         was_training = rec.training
-        rec.eval()
+        if was_training:  # (eval() walks every module of the LLM: not per call when already in eval mode)
+            rec.eval()
         try:
             with self._lock:
                 for idx in self._rounds([key for key, _ in requests]):
                     out[idx] = self._forward([requests[i] for i in idx], commit)
         finally:
-            rec.train(was_training)
+            if was_training:
+                rec.train(True)
         return out
 
     def predict(self, requests: Sequence[tuple[str, UtteranceInput]]):

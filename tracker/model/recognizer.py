@@ -386,7 +386,8 @@ class EmotionRecognizer(nn.Module):
     def predict_proba(self, items: Sequence[UtteranceInput], batch_size: int = 8) -> np.ndarray:
         """Class probabilities (N, L), batched; rows are grouped by length to pad little."""
         was_training = self.training
-        self.eval()
+        if was_training:  # (eval() walks every module of the LLM: not per call when already in eval mode)
+            self.eval()
         try:
             encoded = [self.encode(it) for it in items]
             order = sorted(range(len(items)), key=lambda i: len(encoded[i].input_ids))
@@ -397,7 +398,8 @@ class EmotionRecognizer(nn.Module):
                 out[idx] = self.probabilities(self.forward(batch))
             return out
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train(True)
 
     def to_predictions(self, probs: np.ndarray) -> list[Prediction]:
         labels = self.label_set.labels
