@@ -143,3 +143,16 @@ def test_settings_are_validated_and_can_change_while_serving():
 
     asyncio.run(go())
     assert run.batches == [[0], [1], [0, 1, 2, 3]]
+
+
+def test_one_batcher_serves_one_event_loop_after_another():
+    """A pipeline built once and driven by several asyncio.run calls (a replay, then another)."""
+    run = Recorder()
+    batcher = Batcher(run, max_batch_size=8, wait_s=0.02)
+
+    async def go(base):
+        return await asyncio.gather(*(batcher.submit(base + i) for i in range(3)))
+
+    assert asyncio.run(go(0)) == [0, 10, 20]
+    assert asyncio.run(asyncio.wait_for(go(10), 5)) == [100, 110, 120]
+    assert run.batches == [[0, 1, 2], [10, 11, 12]]

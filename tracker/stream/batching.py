@@ -53,6 +53,7 @@ class Batcher(Generic[T, R]):
         self.batches = 0  # batches run
         self.items = 0  # items in them
         self._pending: deque[_Pending[T]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the event and worker below belong to it
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -63,16 +64,27 @@ class Batcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # first use, or used from another event loop (e.g. a later asyncio.run)
+            self._loop, self._arrived, self._worker = loop, asyncio.Event(), None
+            self._pending = deque(p for p in self._pending if p.future.get_loop() is loop)
         pending = _Pending(item, loop.create_future())
         self._pending.append(pending)
-        if self._arrived is None:
-            self._arrived = asyncio.Event()
         self._arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._work())
         return await pending.future
 
     async def _work(self) -> None:
+        try:
+            await self._batches()
+        except BaseException as exc:  # the worker itself failed (or its loop is closing): nobody may wait forever
+            for p in self._pending:
+                if not p.future.done():
+                    p.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("batcher stopped"))
+            self._pending.clear()
+            raise
+
+    async def _batches(self) -> None:
         assert self._arrived is not None
         while self._pending:
             await self._fill()
