@@ -81,8 +81,9 @@ def start_service(args: dict, transport: str = "serve"):
     kw = {}
     if "transport" in {f.name for f in dataclasses.fields(LocalService)}:
         kw["transport"] = transport
-    elif transport == "haproxy":  # a commit from before the option: what it sets, by hand
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="1")
+    elif transport == "haproxy":  # a commit from before the option: what tracker.ray_env.TRANSPORT_ENV sets, by hand
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+                          RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="5")
     for attempt in range(3):
         try:
             return LocalService(port=free_port(), args=args, **kw).start()
@@ -372,7 +373,8 @@ def run_version(label: str, code_dir: Path, args: argparse.Namespace) -> dict:
            *map(str, args.replicas), "--checkpoint", args.checkpoint, "--speed", str(args.speed),
            "--max-batch-size", str(args.max_batch_size), "--cache-calls", str(args.cache_calls),
            "--cache-turns", str(args.cache_turns), "--asr", args.asr, "--feature-replicas", str(args.feature_replicas),
-           *(["--stagger"] if args.starts == "even" else ["--random-starts"] if args.starts == "random" else []), *(["--no-transcripts"] if args.no_transcripts else []),
+           *{"together": [], "even": ["--stagger"], "random": ["--random-starts"]}[args.starts],
+           *(["--no-transcripts"] if args.no_transcripts else []),
            *(["--frame-ms", str(args.frame_ms)] if args.frame_ms else []), "--transport", args.transport]
     print(f"== {label}: {code_dir} ({git_rev(code_dir)})", flush=True)
     proc = subprocess.run(cmd, env=env, cwd=code_dir, capture_output=True, text=True)

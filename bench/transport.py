@@ -3,9 +3,9 @@
 A minimal Serve app (one FastAPI WebSocket route that counts messages) runs under each transport in
 its own process (Ray starts once per process); `--conns` clients each send `--messages` binary frames
 of 100 ms of 16 kHz PCM16 (3,200 bytes, the bundled client's frame). The CPU seconds of every process
-of the service (psutil over the process tree: Serve proxy, the replica, HAProxy and its manager,
-the controller) divided by the messages sent is the transport's cost per message; the ratio is
-against the Serve proxy measured in the same run.
+of the service (psutil over the process tree, by role as bench/stream_latency.py counts them: Serve
+proxy, the replica, HAProxy and its manager, the controller) divided by the messages sent is the
+transport's cost per message; the ratio is against the Serve proxy measured in the same run.
 
 Usage: python bench/transport.py [--conns 16] [--messages 300]
 """
@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,13 +24,12 @@ from fastapi import FastAPI, WebSocket  # real annotations (no __future__ import
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from stream_latency import cpu_delta, cpu_seconds, free_port  # noqa: E402  (the same CPU accounting by role)
+
 app = FastAPI()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# the processes that carry the messages; the rest (Ray's GCS, raylet, agents, this driver) are not the transport
+TRANSPORT_ROLES = ("Serve proxy", "Counter", "HAProxy (manager + haproxy)", "Serve controller")
 
 
 def counter_app():
@@ -59,8 +57,6 @@ def counter_app():
 
 def serve_and_measure(transport: str, conns: int, messages: int) -> dict:
     """Runs in a child process: start Ray + the app under `transport`, drive it, return the CPU figures."""
-    import psutil
-
     from tracker.ray_env import RAY_ENV, TRANSPORT_ENV
 
     for k, v in RAY_ENV.items():
@@ -88,37 +84,18 @@ def serve_and_measure(transport: str, conns: int, messages: int) -> dict:
                 return json.loads(await ws.recv())["n"]
 
         asyncio.run(one())  # warm-up: routes, connections
-        me = psutil.Process()
-
-        def cpu() -> dict[int, tuple[str, float]]:
-            out = {}
-            for p in me.children(recursive=True):
-                try:
-                    t = p.cpu_times()
-                    out[p.pid] = (" ".join(p.cmdline())[:60], t.user + t.system)
-                except psutil.NoSuchProcess:
-                    pass
-            return out
-
-        before = cpu()
+        before = cpu_seconds()
         t0 = time.perf_counter()
         counted = asyncio.run(_gather(one, conns))
         wall = time.perf_counter() - t0
-        after = cpu()
+        roles = cpu_delta(cpu_seconds(), before)
     finally:
         serve.shutdown()
         ray.shutdown()
-    roles: dict[str, float] = {}
-    for pid, (cmd, secs) in after.items():
-        used = secs - before.get(pid, (cmd, 0.0))[1]
-        role = ("Serve proxy" if "ProxyActor" in cmd else "replica" if "ServeReplica" in cmd
-                else "HAProxy" if "haproxy" in cmd.lower() else "Serve controller" if "ServeController" in cmd
-                else "Ray (GCS, raylet, agents, idle workers)")
-        roles[role] = roles.get(role, 0.0) + used
     sent = conns * (messages + 1)
-    return {"transport": transport, "messages": sent, "counted": sum(counted), "wall_s": wall,
-            "cpu_s": roles, "ms_per_message": 1000 * sum(roles.values()) / sent,
-            "transport_ms_per_message": 1000 * sum(v for k, v in roles.items() if not k.startswith("Ray (")) / sent}
+    return {"transport": transport, "messages": sent, "counted": sum(counted), "wall_s": wall, "cpu_s": roles,
+            "ms_per_message": 1000 * sum(v for k, v in roles.items() if k != "bench driver + senders") / sent,
+            "transport_ms_per_message": 1000 * sum(v for k, v in roles.items() if k in TRANSPORT_ROLES) / sent}
 
 
 async def _gather(one, n: int) -> list[int]:

@@ -177,7 +177,7 @@ class LocalService:
         self._running = False
         # HAProxy (--transport haproxy) runs as a child of a Serve actor; when the controller does not stop
         # it in time, ray.shutdown kills the actor and the orphan keeps the service port: stop it ourselves
-        haproxies = _haproxy_processes() if self._ray_started else []
+        haproxies = _haproxy_processes() if self._ray_started and self.transport == "haproxy" else []
         try:
             with _console_to(_shutdown_log()):  # Ray reports the actors it kills on the way down: not for the user
                 try:

@@ -14,6 +14,7 @@ import uuid
 import psutil
 import pytest
 
+from services.runner import _haproxy_processes
 from tests.conftest import SUPPORT_CALL, free_port, save_tiny_checkpoint, start_test_service
 from tracker.audio.synth import have_espeak, voice_conversation
 
@@ -54,12 +55,8 @@ def _listeners(procs) -> dict[int, list[tuple[str, int]]]:
     return out
 
 
-def _haproxies() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.name() == "haproxy"]
-
-
 def test_haproxy_holds_the_service_port_and_the_ingress_replica_serves_http_itself(service):
-    haproxies = _haproxies()
+    haproxies = _haproxy_processes()
     assert haproxies, "no haproxy process under the service"
     by_pid = _listeners(haproxies)
     assert any(("127.0.0.1", service.port) in socks for socks in by_pid.values())
@@ -97,7 +94,7 @@ def test_a_voiced_call_gets_one_final_per_utterance_through_haproxy(service):
 
 
 def test_stopping_the_service_stops_haproxy(service):
-    pids = [p.pid for p in _haproxies()]
+    pids = [p.pid for p in _haproxy_processes()]
     assert pids
     service.stop()
     gone, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=30)

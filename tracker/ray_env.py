@@ -16,7 +16,7 @@ RAY_ENV = {
 # `--transport haproxy`: Ray Serve's HAProxy ingress in front of ingress replicas that serve HTTP and
 # WebSockets themselves (direct ingress). Every WebSocket message then goes client -> HAProxy -> the
 # Ingress replica's own server, instead of through the Python Serve proxy and one Ray call per message
-# into the replica: about 0.1 instead of 0.9 ms of CPU per message (BENCHMARKS.md, "Transport"). Set
+# into the replica: about 0.15 instead of 0.8-1.0 ms of CPU per message (BENCHMARKS.md, "The transport"). Set
 # before Ray starts (on every `ray start` of a cluster). HAProxy also opens a Prometheus port (9101)
 # and a stats page (8404) on all interfaces, which Ray 2.60 does not let us bind to loopback.
 TRANSPORT_ENV = {

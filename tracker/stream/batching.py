@@ -57,11 +57,6 @@ class Batcher(Generic[T, R]):
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
-    @property
-    def queued(self) -> int:
-        """Items waiting for a batch (not counting the one running)."""
-        return len(self._pending)
-
     async def submit(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # first use, or used from another event loop (e.g. a later asyncio.run)
