@@ -33,6 +33,8 @@ tau the smallest that alarms at most ``--target-fa`` of the calm clips of RAVDES
 probabilities (the 4 actor-grouped folds of the C search), never dev: on the recordings and telephone
 copies pooled, and on the telephone copies alone; the same taus then on the espeak lines. A last print
 gives the ceiling: the tau chosen *on* dev for the target and the hits it leaves (not an operating point).
+``--nested`` adds an estimate on 16 human speakers that nothing was chosen on: nested actor-grouped CV on
+RAVDESS train, C (by separation) and tau picked on the other actors only (`nested_train_cv`).
 
 ``--select-c separation`` chooses the probe's C (same grid, same 4 actor-grouped train folds) by the ROC AUC of
 P(negative) for the calm vs upset rows of the train telephone copies in out-of-fold probabilities, instead of by
@@ -40,7 +42,7 @@ P(negative) for the calm vs upset rows of the train telephone copies in out-of-f
 probabilities. Nothing is chosen on dev.
 
     python bench/callcenter.py [--sources ...] [--norm] [--skip-recognizer] [--skip-acoustic] [--recognizer-norm] [--json F]
-    python bench/callcenter.py --human [--sources ...] [--target-fa 0.10] [--aug-copies K] [--select-c f1|separation] [--skip-recognizer] [--skip-acoustic] [--json F]
+    python bench/callcenter.py --human [--sources ...] [--target-fa 0.10] [--aug-copies K] [--select-c f1|separation] [--nested] [--skip-recognizer] [--skip-acoustic] [--json F]
 """
 
 from __future__ import annotations
@@ -293,6 +295,58 @@ def cv_taus(p: Probe, target: float) -> dict[str, dict]:
     return out
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson 95% interval of a share k/n, in percent."""
+    if n == 0:
+        return 0.0, 100.0
+    p = k / n
+    mid, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (mid - half) / (1 + z * z / n), 100 * (mid + half) / (1 + z * z / n)
+
+
+def nested_train_cv(sources: list[str], bank: FeatureBank, target: float, copies: int = 1) -> dict:
+    """Calm-line false alarms on human speakers that nothing was chosen on: nested actor-grouped CV on RAVDESS train.
+
+    The outer loop holds out the actors of one of the 4 folds of `cv_folds` (actors 01-16). On the other 12 actors
+    alone, C is chosen by `separation_cv` (its own 4 inner folds) and tau by `pick_tau` on the inner out-of-fold
+    P(negative) of their calm telephone copies (<= `target`); the probe is then fitted on those 12 actors and scores
+    the held-out actors' clips, as recorded and through their telephone copies. Dev (actors 17-20) is not read.
+    Returns {condition: {rule: {false_alarms, hits, counts, wilson}}} over all 16 held-out actors, with the C and tau
+    of each outer fold."""
+    train = clips("train")
+    y = np.array([c.label for c in train])
+    groups = np.array([c.speaker for c in train])
+    rec, aug = bank.matrix(train, None, sources), bank.copies(train, 0, copies, sources)
+    X = np.concatenate([np.concatenate([rec[s] for s in sources], 1), np.concatenate([aug[s] for s in sources], 1)])
+    yy, gg = np.tile(y, 1 + copies), np.tile(groups, 1 + copies)
+    is_copy = np.arange(len(yy)) >= len(train)
+    calm, upset = human_masks(yy)
+    alarm = {"argmax": np.zeros(len(yy), bool), "tau": np.zeros(len(yy), bool)}
+    held = np.zeros(len(yy), bool)
+    folds = []
+    for tr, te in cv_folds(X, yy, gg):
+        C, _, oof = separation_cv(X[tr], yy[tr], gg[tr], is_copy[tr])
+        inner_mass = negative_mass(oof, range(len(MELD7.labels)), NEGATIVE_IDX)
+        tau = pick_tau(inner_mass[calm[tr] & is_copy[tr]], target)
+        model = probe_model(C).fit(X[tr], yy[tr])
+        proba = model.predict_proba(X[te])  # (rows, 7)
+        alarm["argmax"][te] = np.isin(model.classes_[proba.argmax(1)], NEGATIVE_IDX)
+        alarm["tau"][te] = negative_mass(proba, model.classes_, NEGATIVE_IDX) >= tau
+        held[te] = True
+        folds.append({"held_out_actors": sorted({str(g) for g in gg[te]}), "C": C, "tau": tau})
+        print(f"  outer fold, held out actors {folds[-1]['held_out_actors']}: C={C}, tau={tau:.4f}", flush=True)
+    assert held.all()
+    out: dict = {"folds": folds, "target": target}
+    for cond, m in {"as recorded": ~is_copy, "telephone": is_copy}.items():
+        out[cond] = {}
+        for rule, a in alarm.items():
+            k_fa, n_fa, k_hit, n_hit = int((a & calm & m).sum()), int((calm & m).sum()), int((a & upset & m).sum()), int((upset & m).sum())
+            out[cond][rule] = {"false_alarms": 100 * k_fa / n_fa, "false_alarm_count": f"{k_fa}/{n_fa}",
+                               "false_alarms_wilson95": wilson(k_fa, n_fa), "hits": 100 * k_hit / n_hit,
+                               "hit_count": f"{k_hit}/{n_hit}"}
+    return out
+
+
 def filename_normalised(X: np.ndarray, items: list[Clip], mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Past-only speaker normalisation with each speaker's clips in file-name order (RAVDESS: by emotion code,
     so neutral and calm come first)."""
@@ -398,6 +452,17 @@ def human_main(args) -> int:
             for pick, rep in picks.items():
                 espeak_rows.append(human_row(f"{name}, alarm at P(negative) >= {rep['tau']:.3f} (tau on {pick} train CV)",
                                              "espeak 8 kHz", mass >= rep["tau"], None, line_calm, ~line_calm))
+    nested = None
+    if args.nested:
+        print(f"\nnested actor-grouped CV on RAVDESS train (actors 01-16; C by separation, tau <= {args.target_fa:.0%} on the "
+              "inner folds' calm telephone copies; dev not read):", flush=True)
+        nested = nested_train_cv(args.sources, bank, args.target_fa, args.aug_copies)
+        for cond in ("as recorded", "telephone"):
+            for rule, r in nested[cond].items():
+                lo, hi = r["false_alarms_wilson95"]
+                what = "argmax label negative" if rule == "argmax" else "P(negative) >= the fold's tau"
+                print(f"  {cond}, {what}: false alarms {r['false_alarms']:.1f}% ({r['false_alarm_count']}; Wilson 95% "
+                      f"{lo:.1f}-{hi:.1f}%), hits {r['hits']:.1f}% ({r['hit_count']})", flush=True)
     if rec is not None:
         for norm in (False, True):
             suffix = ", speaker-normalised per actor (seeded clip order)" if norm else ""
@@ -430,7 +495,7 @@ def human_main(args) -> int:
         Path(args.json).write_text(json.dumps({"description": desc, "rows": rows, "espeak_rows": espeak_rows,
                                                "taus": taus, "dev_ceiling": dev_oracle, "dev_accuracy": accuracy,
                                                "aug_copies": args.aug_copies, "sources": args.sources,
-                                               "select_c": args.select_c, "c_selection": selections}, indent=2) + "\n")
+                                               "select_c": args.select_c, "c_selection": selections, "nested_train_cv": nested}, indent=2) + "\n")
     return 0
 
 
@@ -451,6 +516,9 @@ def main() -> int:
     ap.add_argument("--select-c", choices=sorted(SELECT_C), default="f1",
                     help="how train CV picks the probe's C: f1 = 7-label weighted F1 (default); separation = ROC AUC of "
                          "P(negative) for calm vs upset clips on the train telephone copies (same folds and C grid)")
+    ap.add_argument("--nested", action="store_true",
+                    help="--human: also the nested actor-grouped CV estimate on RAVDESS train (C and tau chosen on the "
+                         "other actors only; `nested_train_cv`)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
     if args.human:

@@ -193,3 +193,12 @@ def test_separation_cv_scores_each_c_on_the_telephone_rows_and_returns_the_chose
     assert report[C]["auc_recorded"] > report[C]["auc"]  # the clean rows separate better than the noisy copies
     folds = cc.cv_folds(X, yy, gg)  # actor-grouped: no actor on both sides of a fold
     assert len(folds) == 4 and all(not set(gg[tr]) & set(gg[va]) for tr, va in folds)
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    callcenter = _load("callcenter")
+    lo, hi = callcenter.wilson(3, 48)  # 6.25%: the dev calm-clip figure of BENCHMARKS.md
+    assert 2.1 < lo < 2.2 and 16.7 < hi < 16.9
+    lo, hi = callcenter.wilson(0, 20)
+    assert lo == pytest.approx(0.0, abs=1e-9) and 16.0 < hi < 16.2
+    assert callcenter.wilson(0, 0) == (0.0, 100.0)

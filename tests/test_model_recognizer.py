@@ -205,3 +205,20 @@ def test_linear_head_init_scale_zero_starts_uniform(tiny_backbone):
     rec = EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", head="linear", head_init_scale=0.0))
     probs = rec.predict_proba(ITEMS)
     np.testing.assert_allclose(probs, np.full_like(probs, 1 / 7), atol=1e-6)
+
+
+def test_layer_states_are_what_the_head_reads_at_each_layer(tiny_backbone):
+    torch.manual_seed(0)
+    n = tiny_backbone.num_layers
+    rec = EmotionRecognizer(tiny_backbone, RecognizerConfig(backbone="tiny", head="linear", head_layer=1))
+    rec.eval()
+    batch = rec.collate(ITEMS)
+    states = rec.layer_states(batch, [n, 1])  # (B, 2, H), in the order asked
+    assert states.shape == (len(ITEMS), 2, rec.backbone.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(states[:, 1], rec.answer_hidden(batch))  # head_layer 1
+        rec.config.head_layer = 0  # the last layer: the LLM's own final-normed output
+        torch.testing.assert_close(states[:, 0], rec.answer_hidden(batch))
+    assert not torch.allclose(states[:, 0], states[:, 1])
+    with pytest.raises(ValueError, match="layers"):
+        rec.layer_states(batch, [n + 1])

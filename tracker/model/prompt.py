@@ -21,7 +21,7 @@ With ``layout: context_first`` the past turns come first and the pseudo tokens a
 
 so everything up to the end of the last context line (``EncodedPrompt.prefix_len``) depends on
 the past turns only, and its key/value cache can be kept between utterances
-(tracker.model.incremental). The shipped model uses ``pseudo_first``.
+(tracker.model.incremental). The shipped model (default-v3) uses ``context_first``.
 
 Each label's first token (normally `` neutral`` with its leading space) must differ from every
 other label's; if the spaced forms collide (digit labels under a digit-splitting tokenizer) the
@@ -53,7 +53,7 @@ class PromptConfig:
     answer_prefix: str = "Answer:"
     open_tag: str = "<Multimodal>"
     close_tag: str = "</Multimodal>"
-    # pseudo_first: <bos> <Multimodal> P..P </Multimodal> context utterance ... (the shipped model);
+    # pseudo_first: <bos> <Multimodal> P..P </Multimodal> context utterance ... (default-v2 and earlier);
     # context_first: <bos> context <Multimodal> P..P </Multimodal> utterance ... (a cacheable prefix).
     layout: str = "pseudo_first"
     # m: the window of past turns slides in blocks between m and context_turns (M) turns

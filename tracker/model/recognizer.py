@@ -351,6 +351,38 @@ class EmotionRecognizer(nn.Module):
         hidden = captured["h"][rows, index]  # (B, H)
         return self._final_norm()(hidden)
 
+    @torch.inference_mode()
+    def layer_states(self, batch: RecognizerBatch, layers: Sequence[int]) -> torch.Tensor:
+        """The normed answer-position states after each decoder layer of `layers` (1-based), from one
+        forward that stops after the deepest of them: (B, len(layers), H). For readout probes
+        (bench/head_readout.py): the state of layer ``head_layer`` is what the head reads."""
+        n = self.backbone.num_layers
+        if not layers or any(not 1 <= k <= n for k in layers):
+            raise ValueError(f"layers: each must be between 1 and {n}, got {list(layers)}")
+        embeds = self.input_embeddings(batch)
+        rows = torch.arange(embeds.shape[0], device=embeds.device)
+        captured: dict[int, torch.Tensor] = {}
+        deepest = max(layers)
+        decoder = self._decoder_layers()
+
+        def keep(k: int):
+            def hook(_module, _inputs, output):
+                captured[k] = (output[0] if isinstance(output, tuple) else output)[rows, batch.answer_index]  # (B, H)
+                if k == deepest:
+                    raise EarlyExit
+            return hook
+
+        handles = [decoder[k - 1].register_forward_hook(keep(k)) for k in sorted(set(layers))]
+        try:
+            self.llm.base_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+        except EarlyExit:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        norm = self._final_norm()
+        return torch.stack([norm(captured[k]) for k in layers], dim=1)  # (B, len(layers), H)
+
     def label_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the label set from answer-position hidden states (B, H) -> (B, L).
 
