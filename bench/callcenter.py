@@ -295,13 +295,14 @@ def cv_taus(p: Probe, target: float) -> dict[str, dict]:
     return out
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson 95% interval of a share k/n, in percent."""
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """The Wilson 95% interval of a share k/n, in percent (scipy's `binomtest(...).proportion_ci`)."""
+    from scipy.stats import binomtest
+
     if n == 0:
         return 0.0, 100.0
-    p = k / n
-    mid, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return 100 * (mid - half) / (1 + z * z / n), 100 * (mid + half) / (1 + z * z / n)
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(100 * ci.low), float(100 * ci.high)
 
 
 def nested_train_cv(sources: list[str], bank: FeatureBank, target: float, copies: int = 1) -> dict:
